@@ -1,0 +1,133 @@
+"""Native checkpoint directories: config.toml + model.safetensors + run.json, written atomically, loaded by `looped.load`."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from looped.config import Config, ConfigError, from_dict, to_toml
+from looped.model.looped import LoopedLM
+
+CONFIG, WEIGHTS, RUN = "config.toml", "model.safetensors", "run.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read or written; the message names the file or key."""
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_info(**extra: Any) -> dict[str, Any]:
+    """Provenance stored with every checkpoint: commit, versions, command line."""
+    from looped import __version__
+
+    return {
+        "looped": __version__,
+        "commit": _git_commit(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "argv": sys.argv,
+        **extra,
+    }
+
+
+def state_dict_for_save(model: LoopedLM) -> dict[str, torch.Tensor]:
+    """Weights to store: contiguous CPU tensors, the tied head left out (it is the embedding)."""
+    sd = model.state_dict()
+    if model.cfg.tie_embeddings:
+        sd.pop("head.weight", None)
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def save(model: LoopedLM, path: str | Path, config: Config | None = None, **run: Any) -> Path:
+    """Write a checkpoint directory; a temporary sibling is renamed into place so a killed save leaves no half directory."""
+    path = Path(path)
+    cfg = config or Config(model=model.cfg)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / CONFIG).write_text(to_toml(cfg))
+    save_file(state_dict_for_save(model), str(tmp / WEIGHTS), metadata={"format": "looped"})
+    (tmp / RUN).write_text(json.dumps(run_info(**run), indent=2) + "\n")
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)
+    return path
+
+
+def load_config_dir(path: str | Path) -> Config:
+    path = Path(path)
+    file = path / CONFIG
+    if not file.is_file():
+        raise CheckpointError(f"{path}: not a looped checkpoint directory (no {CONFIG})")
+    try:
+        return from_dict(tomllib.loads(file.read_text()))
+    except tomllib.TOMLDecodeError as e:
+        raise CheckpointError(f"{file}: not valid TOML: {e}") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoopedLM:
+    """Load a native checkpoint directory into a LoopedLM in eval mode. Every weight must be present and fit."""
+    path = Path(path)
+    cfg = load_config_dir(path)
+    file = path / WEIGHTS
+    if not file.is_file():
+        raise CheckpointError(f"{path}: missing {WEIGHTS}")
+    try:
+        weights = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: cannot read safetensors: {e}") from None
+    model = LoopedLM(cfg.model)
+    load_weights(model, weights, str(file))
+    model.eval()
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def load_weights(model: LoopedLM, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Copy weights into model strictly: missing, unexpected or mis-shaped keys are errors naming the key."""
+    expected = state_dict_for_save(model)
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing:
+        raise CheckpointError(
+            f"{source}: missing weight '{missing[0]}'"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: unexpected weight '{unexpected[0]}'"
+            + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
+        )
+    for key, tensor in expected.items():
+        if tuple(weights[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{source}: weight '{key}' has shape {tuple(weights[key].shape)}, the config needs {tuple(tensor.shape)}"
+            )
+    model.load_state_dict(weights, strict=False)
+    if model.constraint is not None:
+        model.constraint.vectors.clear()

@@ -1,0 +1,1 @@
+"""Interoperability with other looped-model code: Parcae checkpoint import (Hugging Face export comes later)."""

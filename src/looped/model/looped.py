@@ -1,0 +1,307 @@
+"""LoopedLM: embed → prelude → initial state → loops × (inject, core) → readout → coda → norm → head."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from looped.config import ModelConfig
+from looped.model import accounting
+from looped.model.block import Block
+from looped.model.injection import SpectralConstraint, make_injection, sigma_max
+from looped.model.layers import RMSNorm, rope_table
+
+
+@dataclass
+class LoopedOutput:
+    """What a forward pass returns."""
+
+    logits: torch.Tensor  # (B, S, V), float32
+    loss: torch.Tensor | None = None  # mean token cross-entropy when labels are given
+    loops: torch.Tensor | None = None  # (B,) loops each sequence ran
+    state_norms: torch.Tensor | None = None  # (T_max,) mean ‖h‖ over tokens after each loop, detached
+
+
+@dataclass
+class StabilityReport:
+    """Spectral facts of the loop and, when computed on an input, how the state evolves across loops."""
+
+    rho: float  # spectral radius of Ā (the state-to-state map of the injection)
+    sigma: dict[str, float]  # σ_max of the injection input matrix, the readout C and each core matrix
+    state_norms: list[float] = field(default_factory=list)  # mean ‖h_t‖ after each loop t = 1..T
+    contraction: list[float] = field(default_factory=list)  # ‖h_{t+1} − h_t‖ / ‖h_t − h_{t−1}‖, t = 1..T−1
+
+    def to_dict(self) -> dict:
+        return {
+            "rho": self.rho,
+            "sigma": self.sigma,
+            "state_norms": self.state_norms,
+            "contraction": self.contraction,
+        }
+
+
+class LoopedLM(nn.Module):
+    """A looped (recurrent-depth) language model; `core_layers = 0` gives a standard transformer from the same code."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        ve = set(cfg.ve_layers)
+        p, c = cfg.prelude_layers, cfg.core_layers
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.value_embeds = nn.ModuleDict(
+            {str(i): nn.Embedding(cfg.vocab_size, cfg.kv_heads * cfg.dim_head) for i in sorted(ve)}
+        )
+        self.prelude = nn.ModuleList(Block(cfg, i in ve) for i in range(p))
+        self.core = nn.ModuleList(Block(cfg, p + i in ve) for i in range(c))
+        self.coda = nn.ModuleList(Block(cfg, p + c + i in ve) for i in range(cfg.coda_layers))
+        if cfg.looped:
+            self.prelude_norm = RMSNorm(cfg.width, cfg.norm_eps) if cfg.prelude_norm else None
+            self.injection = make_injection(cfg)
+            self.readout = nn.Linear(cfg.width, cfg.width, bias=False) if cfg.readout else None
+        else:
+            self.prelude_norm = self.injection = self.readout = None
+        self.final_norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.register_buffer(
+            "rope", rope_table(cfg.dim_head, cfg.max_seq_len, cfg.rope_base), persistent=False
+        )
+        self.constraint = (
+            SpectralConstraint(self.constrained_weights(), cfg.spectral_bound) if cfg.spectral_norm else None
+        )
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Parcae's "scaled-zero" init: truncated-normal hidden matrices (std √(2/(5d))), zero output projections,
+        identity B with decay ≈ init_decay, orthogonal readout with singular values √(2/5)."""
+        std = self.cfg.std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std)
+                if name.endswith(("attn.wo", "mlp.w_out")):
+                    module.weight.zero_()
+            elif isinstance(module, nn.Embedding):
+                nn.init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        if self.injection is not None:
+            self.injection.reset_parameters()
+        if self.readout is not None:
+            nn.init.orthogonal_(self.readout.weight)
+            self.readout.weight.mul_(math.sqrt(2 / 5))
+        if self.constraint is not None:
+            self.constrain_()
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        loops: int | torch.Tensor | None = None,
+        backprop_loops: int | None = None,
+    ) -> LoopedOutput:
+        """Run the model.
+
+        Args:
+            input_ids: (B, S) token ids.
+            labels: (B, S) targets (already shifted); -100 is ignored.
+            loops: loop count T, an int or a (B,) LongTensor giving each sequence its own depth.
+                None uses `cfg.loops`; the depth is never random unless the caller samples it.
+            backprop_loops: k, how many of the last loops carry gradients (per sequence min(T_b, k));
+                earlier loops run without autograd. None means all loops.
+        """
+        B, S = input_ids.shape
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
+        rope = self.rope[:, :S]
+        ves = {int(i): emb(input_ids) for i, emb in self.value_embeds.items()}
+        x = self.embed(input_ids)  # (B, S, D)
+        for i, block in enumerate(self.prelude):
+            x = block(x, rope, ves.get(i))
+        loop_counts = norms = None
+        if self.cfg.looped:
+            e = self.prelude_norm(x) if self.prelude_norm is not None else x
+            loop_counts = self._loop_counts(loops, B, input_ids.device)
+            x, norms, _ = self.iterate(e, rope, ves, loop_counts, backprop_loops)
+            if self.readout is not None:
+                x = self.readout(x)
+        offset = self.cfg.prelude_layers + self.cfg.core_layers
+        for i, block in enumerate(self.coda):
+            x = block(x, rope, ves.get(offset + i))
+        logits = self.head(self.final_norm(x)).float()
+        if self.cfg.logit_softcap is not None:
+            cap = self.cfg.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return LoopedOutput(logits=logits, loss=loss, loops=loop_counts, state_norms=norms)
+
+    def _loop_counts(
+        self, loops: int | torch.Tensor | None, batch: int, device: torch.device
+    ) -> torch.Tensor:
+        if loops is None:
+            loops = self.cfg.loops
+        if isinstance(loops, torch.Tensor):
+            if loops.ndim == 0:
+                loops = int(loops)
+            elif loops.shape != (batch,):
+                raise ValueError(
+                    f"loops must be an int or a tensor of shape ({batch},), got shape {tuple(loops.shape)}"
+                )
+        counts = torch.full((batch,), loops, dtype=torch.long) if isinstance(loops, int) else loops.long()
+        if counts.numel() and int(counts.min()) < 1:
+            raise ValueError(
+                f"loops must be ≥ 1, got {counts.tolist() if counts.numel() < 9 else int(counts.min())}"
+            )
+        return counts.to(device)
+
+    def initial_state(self, e: torch.Tensor) -> torch.Tensor:
+        """The state before the first loop: zero, N(0, 1), or truncated normal at the init std.
+
+        In training a random state is fresh noise each call; in eval mode it is drawn from `state_seed`,
+        so evaluation is deterministic.
+        """
+        kind = self.cfg.state_init
+        if kind == "zero":
+            return torch.zeros_like(e)
+        gen = None if self.training else torch.Generator().manual_seed(self.cfg.state_seed)
+        h = torch.randn(e.shape, generator=gen, dtype=torch.float32)
+        if kind == "like-init":
+            std = self.cfg.std
+            h = (h * std).clamp(-3 * std, 3 * std)
+        return h.to(device=e.device, dtype=e.dtype)
+
+    def core_step(self, h: torch.Tensor, u, rope: torch.Tensor, ves: dict[int, torch.Tensor]) -> torch.Tensor:
+        """One loop: inject, then the core blocks."""
+        h = self.injection.step(h, u)
+        p = self.cfg.prelude_layers
+        for i, block in enumerate(self.core):
+            h = block(h, rope, ves.get(p + i))
+        return h
+
+    def iterate(
+        self,
+        e: torch.Tensor,
+        rope: torch.Tensor,
+        ves: dict[int, torch.Tensor],
+        loops: torch.Tensor,
+        backprop_loops: int | None = None,
+        keep_states: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Run the recurrence; returns (final state, mean state norm per loop, [h_0, h_1, ..., h_T] if kept).
+
+        Sequences are right-aligned: a sequence with T_b < T_max loops idles (and costs nothing) during the
+        first T_max − T_b iterations, so the last k iterations are the gradient ones for every sequence.
+        """
+        t_max = int(loops.max())
+        k = t_max if backprop_loops is None else max(0, min(int(backprop_loops), t_max))
+        start = t_max - loops  # (B,) iteration at which each sequence begins
+        h = self.initial_state(e)
+        u = self.injection.prepare(e)
+        norms, states = [], [h.detach()] if keep_states else []
+        for t in range(t_max):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= t_max - k):
+                active = start <= t
+                if bool(active.all()):
+                    h = self.core_step(h, u, rope, ves)
+                else:
+                    rows = active.nonzero().squeeze(1)
+                    sub = {i: v[rows] for i, v in ves.items()}
+                    h_rows = self.core_step(h[rows], self.injection.select(u, rows), rope, sub)
+                    h = h.index_copy(0, rows, h_rows)
+            norms.append(h.detach().norm(dim=-1).mean())
+            if keep_states:
+                states.append(h.detach())
+        return h, torch.stack(norms), states
+
+    # ------------------------------------------------------------------ constraints and reports
+    def constrained_weights(self) -> dict[str, nn.Parameter]:
+        """The weights named by `cfg.spectral_norm`, by parameter name."""
+        groups, out = set(self.cfg.spectral_norm), {}
+        for name, p in self.named_parameters():
+            if p.ndim != 2:
+                continue
+            in_core = name.startswith("core.")
+            if (
+                ("injection" in groups and name in ("injection.B.weight", "injection.W.weight"))
+                or ("readout" in groups and name == "readout.weight")
+                or ("core" in groups and in_core)
+                or (
+                    "core-out" in groups and in_core and name.endswith(("attn.wo.weight", "mlp.w_out.weight"))
+                )
+            ):
+                out[name] = p
+        return out
+
+    def constrain_(self) -> dict[str, float]:
+        """Scale constrained weights back to σ_max ≤ spectral_bound; call after each optimizer step."""
+        return self.constraint.apply_() if self.constraint is not None else {}
+
+    @torch.no_grad()
+    def stability_report(
+        self, input_ids: torch.Tensor | None = None, loops: int | None = None
+    ) -> StabilityReport:
+        """ρ(Ā), σ_max of B̄, C and each core matrix; with input_ids, state norms and contraction per loop."""
+        if not self.cfg.looped:
+            raise ValueError("stability_report needs a looped model (model.core_layers > 0)")
+        sigma = {"injection.input": sigma_max(self.injection.input_matrix())}
+        if self.readout is not None:
+            sigma["readout.C"] = sigma_max(self.readout.weight)
+        for name, p in self.core.named_parameters():
+            if p.ndim == 2:
+                sigma[f"core.{name}"] = sigma_max(p)
+        report = StabilityReport(rho=self.injection.spectral_radius(), sigma=sigma)
+        if input_ids is None:
+            return report
+        was_training = self.training
+        self.eval()
+        try:
+            S = input_ids.shape[1]
+            rope = self.rope[:, :S]
+            ves = {int(i): emb(input_ids) for i, emb in self.value_embeds.items()}
+            x = self.embed(input_ids)
+            for i, block in enumerate(self.prelude):
+                x = block(x, rope, ves.get(i))
+            e = self.prelude_norm(x) if self.prelude_norm is not None else x
+            counts = self._loop_counts(loops, input_ids.shape[0], input_ids.device)
+            _, norms, states = self.iterate(e, rope, ves, counts, keep_states=True)
+        finally:
+            self.train(was_training)
+        report.state_norms = [float(n) for n in norms]
+        steps = [float((b - a).norm()) for a, b in zip(states[:-1], states[1:], strict=True)]
+        report.contraction = [
+            b / a if a > 0 else float("nan") for a, b in zip(steps[:-1], steps[1:], strict=True)
+        ]
+        return report
+
+    # ------------------------------------------------------------------ accounting
+    def num_params(self) -> dict[str, int]:
+        """Unique parameters by part: embedding, value_embeds, prelude, injection, core, readout, coda, head, total."""
+        return accounting.param_breakdown(self)
+
+    def flops_per_token(
+        self,
+        loops: int | None = None,
+        seq_len: int | None = None,
+        training: bool = False,
+        backprop_loops: int | None = None,
+    ) -> float:
+        """Matmul FLOPs per token (see `looped.model.accounting.flops_per_token`)."""
+        return accounting.flops_per_token(
+            self.cfg, loops or self.cfg.loops, seq_len or self.cfg.max_seq_len, training, backprop_loops
+        )
+
+    def kv_cache_bytes_per_token(
+        self, loops: int | None = None, dtype: torch.dtype = torch.bfloat16, shared: bool = False
+    ) -> int:
+        """KV-cache bytes per token; `shared` keeps one entry per core layer instead of one per (loop, layer)."""
+        return accounting.kv_cache_bytes_per_token(self.cfg, loops or self.cfg.loops, dtype, shared)
