@@ -21,7 +21,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/looped info --preset parcae-140m
-	$(BIN)/looped demo
+	$(BIN)/looped probe --preset debug --loops 1,2,4,8,16
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -129,5 +129,3 @@ def load_weights(model: LoopedLM, weights: dict[str, torch.Tensor], source: str)
                 f"{source}: weight '{key}' has shape {tuple(weights[key].shape)}, the config needs {tuple(tensor.shape)}"
             )
     model.load_state_dict(weights, strict=False)
-    if model.constraint is not None:
-        model.constraint.vectors.clear()

@@ -40,6 +40,21 @@ TOP_KEYS = {
     "transformer.ln_f.weight": "final_norm.weight",
     "lm_head.weight": "head.weight",
 }
+# Our config fields → the Parcae config.json keys they come from (for error messages).
+OUR_NAMES = {
+    "vocab_size": "padded_vocab_size",
+    "width": "n_embd",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "mlp_hidden": "intermediate_size",
+    "norm_eps": "norm_eps",
+    "logit_softcap": "logit_softcap",
+    "max_seq_len": "block_size",
+    "prelude_layers": "n_layers_in_prelude",
+    "core_layers": "n_layers_in_recurrent_block",
+    "coda_layers": "n_layers_in_coda",
+    "loops": "mean_recurrence",
+}
 STACKS = {"prelude": "prelude", "core_block": "core", "coda": "coda"}
 IGNORED = {"freqs_cis"}
 PARCAE_RELU2_SCALE = (
@@ -159,7 +174,10 @@ def convert_config(pc: dict[str, Any], present: set[str] | None = None) -> Model
             state_init=state_init,
         )
     except ConfigError as e:
-        raise ConversionError(f"config.json: {e}") from None
+        message = str(e)
+        for ours, theirs in OUR_NAMES.items():  # speak in the source file's key names
+            message = message.replace(f"model.{ours} ", f"{theirs} ")
+        raise ConversionError(f"config.json: {message}") from None
 
 
 def read_state_dict(src: Path) -> dict[str, torch.Tensor]:

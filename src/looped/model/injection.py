@@ -68,7 +68,7 @@ class DiagonalInjection(nn.Module):
         return u[0], u[1][rows]
 
     def spectral_radius(self) -> float:
-        return float(self.decay().max())
+        return float(self.decay().detach().max())
 
     def input_matrix(self) -> torch.Tensor:
         """B̄ = diag(softplus(dt))·B, the effective map from e into the state."""
@@ -143,43 +143,25 @@ def sigma_max(w: torch.Tensor) -> float:
 class SpectralConstraint:
     """Holds σ_max(W) ≤ bound for a set of weights by projection after each optimizer step.
 
-    σ_max is estimated by power iteration with a vector kept per weight (warm start, so a few
-    iterations per step suffice as weights move slowly); a weight above the bound is scaled down
-    to it. The power estimate approaches σ_max from below, so the bound holds up to its
-    convergence (the first call runs more iterations to converge from scratch).
+    A weight whose Frobenius norm is within the bound needs nothing (σ_max ≤ ‖W‖_F); any other gets its
+    exact σ_max (an SVD) and is scaled down to the bound when above it. Power iteration would be cheaper
+    but approaches σ_max from below, and then the bound would not hold.
     """
 
-    def __init__(
-        self, weights: dict[str, nn.Parameter], bound: float, iters: int = 3, first_iters: int = 30
-    ) -> None:
+    def __init__(self, weights: dict[str, nn.Parameter], bound: float) -> None:
         self.weights = weights
         self.bound = bound
-        self.iters = iters
-        self.first_iters = first_iters
-        self.vectors: dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def estimate(self, name: str) -> float:
-        w = self.weights[name].float()
-        v = self.vectors.get(name)
-        iters = self.iters
-        if v is None or v.device != w.device:
-            gen = torch.Generator().manual_seed(0)
-            v = torch.randn(w.shape[1], generator=gen).to(w.device)
-            iters = self.first_iters
-        for _ in range(iters):
-            v = w.T @ (w @ v)
-            v = v / v.norm().clamp_min(1e-30)
-        self.vectors[name] = v
-        return float((w @ v).norm())
 
     @torch.no_grad()
     def apply_(self) -> dict[str, float]:
-        """Project every weight back to σ_max ≤ bound; returns the σ estimates before projection."""
+        """Project every weight back to σ_max ≤ bound; returns σ_max (or the Frobenius bound on it) before projection."""
         sigmas = {}
         for name, p in self.weights.items():
-            s = self.estimate(name)
-            sigmas[name] = s
+            w = p.float()
+            s = float(torch.linalg.matrix_norm(w))
             if s > self.bound:
-                p.mul_(self.bound / s)
+                s = float(torch.linalg.matrix_norm(w, ord=2))
+                if s > self.bound:
+                    p.mul_(self.bound / s)
+            sigmas[name] = s
         return sigmas
