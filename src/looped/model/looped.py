@@ -118,18 +118,11 @@ class LoopedLM(nn.Module):
             backprop_loops: k, how many of the last loops carry gradients (per sequence min(T_b, k));
                 earlier loops run without autograd. None means all loops.
         """
-        B, S = input_ids.shape
-        if S > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
-        rope = self.rope[:, :S]
-        ves = {int(i): emb(input_ids) for i, emb in self.value_embeds.items()}
-        x = self.embed(input_ids)  # (B, S, D)
-        for i, block in enumerate(self.prelude):
-            x = block(x, rope, ves.get(i))
+        x, rope, ves = self.encode(input_ids)
         loop_counts = norms = None
         if self.cfg.looped:
             e = self.prelude_norm(x) if self.prelude_norm is not None else x
-            loop_counts = self._loop_counts(loops, B, input_ids.device)
+            loop_counts = self._loop_counts(loops, input_ids.shape[0], input_ids.device)
             x, norms, _ = self.iterate(e, rope, ves, loop_counts, backprop_loops)
             if self.readout is not None:
                 x = self.readout(x)
@@ -144,6 +137,18 @@ class LoopedLM(nn.Module):
         if labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         return LoopedOutput(logits=logits, loss=loss, loops=loop_counts, state_norms=norms)
+
+    def encode(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """Embed and run the prelude; returns (prelude output (B, S, D), rotary table, value embeddings by layer)."""
+        S = input_ids.shape[1]
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
+        rope = self.rope[:, :S]
+        ves = {int(i): emb(input_ids) for i, emb in self.value_embeds.items()}
+        x = self.embed(input_ids)  # (B, S, D)
+        for i, block in enumerate(self.prelude):
+            x = block(x, rope, ves.get(i))
+        return x, rope, ves
 
     def _loop_counts(
         self, loops: int | torch.Tensor | None, batch: int, device: torch.device
@@ -265,12 +270,7 @@ class LoopedLM(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            S = input_ids.shape[1]
-            rope = self.rope[:, :S]
-            ves = {int(i): emb(input_ids) for i, emb in self.value_embeds.items()}
-            x = self.embed(input_ids)
-            for i, block in enumerate(self.prelude):
-                x = block(x, rope, ves.get(i))
+            x, rope, ves = self.encode(input_ids)
             e = self.prelude_norm(x) if self.prelude_norm is not None else x
             counts = self._loop_counts(loops, input_ids.shape[0], input_ids.device)
             _, norms, states = self.iterate(e, rope, ves, counts, keep_states=True)
