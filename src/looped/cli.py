@@ -17,16 +17,11 @@ def _model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "checkpoint", nargs="?", help="a looped checkpoint directory (instead of --preset/--config)"
     )
+    # Presets and files share one list, so they apply in the order given on the command line.
     p.add_argument(
-        "--preset", action="append", default=[], metavar="NAME", help="a preset from configs/ (repeatable)"
+        "--preset", dest="files", action="append", default=[], metavar="NAME", help="a preset from configs/"
     )
-    p.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="a TOML config file (repeatable, applied in order)",
-    )
+    p.add_argument("--config", dest="files", action="append", metavar="FILE", help="a TOML config file")
     p.add_argument(
         "--set",
         action="append",
@@ -44,6 +39,16 @@ def _int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"loop counts must be integers ≥ 1, got {text!r}")
     return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--loops", type=_int_list, default=[1, 2, 4, 8, 16], help="loop counts (default 1,2,4,8,16)"
     )
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch", type=_positive, default=4)
+    p.add_argument("--seq-len", type=_positive, default=64)
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("convert", help="convert a checkpoint from another format into a looped checkpoint")
@@ -96,18 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "info":
             from looped.summary import info
 
-            print(
-                info(
-                    args.checkpoint, args.preset + args.config, args.set, args.loops, args.seq_len, args.json
-                )
-            )
+            print(info(args.checkpoint, args.files, args.set, args.loops, args.seq_len, args.json))
         elif args.command == "probe":
             from looped.summary import probe
 
             print(
                 probe(
                     args.checkpoint,
-                    args.preset + args.config,
+                    args.files,
                     args.set,
                     args.loops,
                     args.batch,

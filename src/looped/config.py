@@ -85,6 +85,12 @@ def _check_value(section: str, name: str, tp: Any, value: Any) -> None:
         raise ConfigError(f"{where} must be a string, got {value!r}")
 
 
+def _accepts_float(tp: Any) -> bool:
+    return tp is float or (
+        typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp)
+    )
+
+
 class Section:
     """Base for config sections: type and choice validation from the annotations, dict conversion."""
 
@@ -94,7 +100,7 @@ class Section:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if hints[f.name] is float and isinstance(value, int) and not isinstance(value, bool):
+            if _accepts_float(hints[f.name]) and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, f.name, float(value))
             if isinstance(value, tuple):
                 setattr(self, f.name, list(value))
@@ -355,6 +361,8 @@ def from_dict(tree: dict[str, dict[str, Any]]) -> Config:
     """A Config from nested {section: {key: value}}; unknown keys raise ConfigError."""
     sections = {}
     for section, cls in Config.SECTIONS.items():
+        if not isinstance(tree.get(section, {}), dict):
+            raise ConfigError(f"config: [{section}] must be a table of keys, got {tree[section]!r}")
         values = dict(tree.get(section, {}))
         for key in values:
             _set_in({}, section, key, None, "config")

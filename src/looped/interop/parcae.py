@@ -167,7 +167,7 @@ def convert_config(pc: dict[str, Any], present: set[str] | None = None) -> Model
             prelude_layers=p,
             core_layers=c,
             coda_layers=k,
-            loops=max(1, int(get("mean_recurrence", 4))),
+            loops=max(1, int(get("mean_recurrence") or 4)),
             injection="diagonal",
             prelude_norm=bool(get("prelude_norm", False)),
             readout=True,
@@ -255,6 +255,8 @@ def load_parcae(src: str | Path) -> LoopedLM:
         pc = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ConversionError(f"{cfg_file}: not valid JSON: {e}") from None
+    if not isinstance(pc, dict):
+        raise ConversionError(f"{cfg_file}: expected a JSON object of config keys, got {type(pc).__name__}")
     sd = read_state_dict(src)
     cfg = convert_config(pc, set(sd))
     if "freqs_cis" in sd:
