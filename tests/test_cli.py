@@ -316,3 +316,14 @@ def test_convert_config_json_not_an_object(capsys, tmp_path):
     code, _, err = run(capsys, "convert", "parcae", str(src), str(tmp_path / "out"))
     assert code == 2
     assert "config.json" in err
+
+
+def test_info_reports_matched_baselines(capsys):
+    code, out, _ = run(capsys, "info", "--preset", "parcae-140m", "--json")
+    assert code == 0
+    baselines = json.loads(out)["baselines"]
+    # prelude + core + coda: the injection and C weigh less than one block
+    assert baselines["params"]["layers"] == 6
+    assert baselines["flops"]["layers"] == 2 + 2 * 8 + 2
+    _, text, _ = run(capsys, "info", "--preset", "parcae-140m")
+    assert "parameter-matched: 6 layers" in text

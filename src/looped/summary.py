@@ -63,12 +63,25 @@ def info_data(cfg: ModelConfig, loops: Sequence[int], seq_len: int | None = None
                 "kv_bytes_shared": accounting.kv_cache_bytes_per_token(cfg, t, torch.bfloat16, shared=True),
             }
         )
-    return {
+    data = {
         "config": cfg.to_dict(),
         "params": accounting.param_counts(cfg),
         "seq_len": seq_len,
         "loops": rows,
     }
+    if cfg.looped:
+        by_params = accounting.baseline(cfg, "params")
+        by_flops = accounting.baseline(cfg, "flops", cfg.loops, seq_len)
+        data["baselines"] = {
+            "params": {"layers": by_params.n_layers, "params": accounting.param_counts(by_params)["total"]},
+            "flops": {
+                "loops": cfg.loops,
+                "layers": by_flops.n_layers,
+                "params": accounting.param_counts(by_flops)["total"],
+                "flops_forward": accounting.flops_per_token(by_flops, 1, seq_len),
+            },
+        }
+    return data
 
 
 def info(
@@ -102,6 +115,15 @@ def info(
             f"  {r['loops']:>5} {_human(r['flops_forward']):>10} {_human(r['flops_train']):>12} {r['backprop_loops']:>3} "
             f"{r['unrolled_params']:>16,} {r['kv_bytes_per_loop']:>11,}B {r['kv_bytes_shared']:>9,}B"
         )
+    if "baselines" in data:
+        bp, bf = data["baselines"]["params"], data["baselines"]["flops"]
+        lines += [
+            "",
+            "standard baselines (looped.baseline, same width and blocks)",
+            f"  parameter-matched: {bp['layers']} layers, {bp['params']:,} parameters",
+            f"  FLOP-matched at {bf['loops']} loops: {bf['layers']} layers, {bf['params']:,} parameters, "
+            f"{_human(bf['flops_forward'])} FLOPs/token",
+        ]
     return "\n".join(lines)
 
 
