@@ -179,10 +179,12 @@ class LoopedLM(nn.Module):
         if kind == "zero":
             return torch.zeros_like(e)
         gen = None if self.training else torch.Generator().manual_seed(self.cfg.state_seed)
-        h = torch.randn(e.shape, generator=gen, dtype=torch.float32)
+        h = torch.empty(e.shape, dtype=torch.float32)
         if kind == "like-init":
             std = self.cfg.std
-            h = (h * std).clamp(-3 * std, 3 * std)
+            nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std, generator=gen)
+        else:
+            h.normal_(generator=gen)
         return h.to(device=e.device, dtype=e.dtype)
 
     def core_step(self, h: torch.Tensor, u, rope: torch.Tensor, ves: dict[int, torch.Tensor]) -> torch.Tensor:
