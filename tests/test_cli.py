@@ -222,22 +222,17 @@ def test_convert_without_config_json(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_convert_invalid_json(capsys, tmp_path):
+@pytest.mark.parametrize(
+    "config_json, expected",
+    [("{not json", ["config.json", "not valid JSON"]), ("{}", ["no weights found", "model.safetensors"])],
+)
+def test_convert_bad_source_directory(capsys, tmp_path, config_json, expected):
     src = tmp_path / "src"
     src.mkdir()
-    (src / "config.json").write_text("{not json")
+    (src / "config.json").write_text(config_json)
     code, _, err = run(capsys, "convert", "parcae", str(src), str(tmp_path / "out"))
     assert code == 2
-    assert "config.json" in err and "not valid JSON" in err
-
-
-def test_convert_without_weights(capsys, tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "config.json").write_text("{}")
-    code, _, err = run(capsys, "convert", "parcae", str(src), str(tmp_path / "out"))
-    assert code == 2
-    assert "no weights found" in err and "model.safetensors" in err
+    assert all(text in err for text in expected)
 
 
 def parcae_copy(tmp_path, **changes):
