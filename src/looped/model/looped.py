@@ -214,7 +214,8 @@ class LoopedLM(nn.Module):
         start = t_max - loops  # (B,) iteration at which each sequence begins
         h = self.initial_state(e)
         u = self.injection.prepare(e)
-        norms, states = [], [h.detach()] if keep_states else []
+        norms: list[torch.Tensor] = []
+        states = [h.detach()] if keep_states else []
         for t in range(t_max):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= t_max - k):
                 active = start <= t
