@@ -10,16 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import fixture_dir
 
 import looped
 from looped.cli import INFO_LOOPS, main
 from looped.config import load_config
 from looped.model import LoopedLM, param_counts
 
-FIXTURE = Path("/work/shared/fixtures/parcae-tiny")
-needs_fixture = pytest.mark.skipif(
-    not (FIXTURE / "config.json").is_file(), reason=f"Parcae fixture not found at {FIXTURE}"
-)
+
+def parcae_tiny() -> Path:
+    """The Parcae fixture beside the repository (skips, or fails under LOOPED_REQUIRE_FIXTURES=1, when absent)."""
+    return fixture_dir("parcae-tiny")
 
 
 def run(capsys, *argv):
@@ -238,7 +239,7 @@ def test_convert_bad_source_directory(capsys, tmp_path, config_json, expected):
 def parcae_copy(tmp_path, **changes):
     """A copy of the parcae-tiny fixture with config.json keys changed (None deletes the key)."""
     src = tmp_path / "parcae"
-    shutil.copytree(FIXTURE, src)
+    shutil.copytree(parcae_tiny(), src)
     pc = json.loads((src / "config.json").read_text())
     for key, value in changes.items():
         if value is None:
@@ -249,7 +250,6 @@ def parcae_copy(tmp_path, **changes):
     return src
 
 
-@needs_fixture
 @pytest.mark.parametrize(
     ("key", "value"),
     [
@@ -274,7 +274,6 @@ def test_convert_unsupported_config_value(capsys, tmp_path, key, value):
     assert not out_dir.exists()
 
 
-@needs_fixture
 def test_convert_missing_required_key(capsys, tmp_path):
     src = parcae_copy(tmp_path, n_layers_in_coda=None)
     code, _, err = run(capsys, "convert", "parcae", str(src), str(tmp_path / "out"))
@@ -282,7 +281,6 @@ def test_convert_missing_required_key(capsys, tmp_path):
     assert "missing key 'n_layers_in_coda'" in err
 
 
-@needs_fixture
 def test_convert_config_that_looped_rejects(capsys, tmp_path):
     src = parcae_copy(tmp_path, num_attention_heads=3)
     code, _, err = run(capsys, "convert", "parcae", str(src), str(tmp_path / "out"))
@@ -290,10 +288,9 @@ def test_convert_config_that_looped_rejects(capsys, tmp_path):
     assert "config.json" in err and "n_heads" in err
 
 
-@needs_fixture
 def test_convert_then_info(capsys, tmp_path):
     out_dir = tmp_path / "converted"
-    code, out, err = run(capsys, "convert", "parcae", str(FIXTURE), str(out_dir))
+    code, out, err = run(capsys, "convert", "parcae", str(parcae_tiny()), str(out_dir))
     assert code == 0, err
     assert str(out_dir) in out
     assert (out_dir / "config.toml").is_file() and (out_dir / "model.safetensors").is_file()
@@ -304,7 +301,6 @@ def test_convert_then_info(capsys, tmp_path):
     assert json.loads(out)["params"] == param_counts(model.cfg)
 
 
-@needs_fixture
 def test_convert_config_json_not_an_object(capsys, tmp_path):
     src = parcae_copy(tmp_path)
     (src / "config.json").write_text("5")
