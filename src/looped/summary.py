@@ -137,14 +137,12 @@ def probe(
     seed: int = 0,
 ) -> str:
     """Run a model in eval mode on random tokens at each loop count: speed, state norm, ρ(Ā) and contraction."""
+    cfg = resolve_model_config(checkpoint, files, overrides)
     if checkpoint is not None:
         model = load(checkpoint)
-        if files or overrides:
-            raise ValueError("give either a checkpoint directory or --preset/--config/--set, not both")
     else:
         torch.manual_seed(seed)
-        model = LoopedLM(load_config(files, overrides).model).eval()
-    cfg = model.cfg
+        model = LoopedLM(cfg).eval()
     seq_len = min(seq_len, cfg.max_seq_len)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=gen)
