@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from looped import LoopedLM, ModelConfig
+from looped import Config, LoopedLM, ModelConfig
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
@@ -58,3 +58,70 @@ def randomize_(model: LoopedLM, seed: int = 0) -> LoopedLM:
 
 def ids(batch: int = 2, seq: int = 12, vocab: int = 97, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def write_corpus(folder: Path, documents: int = 12, sentences: int = 150, seed: int = 0) -> Path:
+    """A small learnable text corpus: sentences from a tiny grammar, one .txt file per document."""
+    import random
+
+    rng = random.Random(seed)
+    subjects = ["the cat", "a dog", "my lord", "the king", "sweet kate", "the fool"]
+    verbs = ["sees", "loves", "fears", "follows", "mocks", "greets"]
+    objects = ["the moon", "a rose", "the queen", "his horse", "the sea", "her ring"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(documents):
+        lines = [
+            f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}." for _ in range(sentences)
+        ]
+        (folder / f"doc{d:02d}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def train_config(data_dir: Path, out: Path, **sections) -> Config:
+    """A tiny training run over a prepared bytes-tokenized corpus: finishes in seconds on a CPU."""
+    from looped.config import from_dict
+
+    tree = {
+        "model": dict(
+            vocab_size=256,
+            width=32,
+            n_heads=2,
+            prelude_layers=1,
+            core_layers=1,
+            coda_layers=1,
+            loops=2,
+            max_seq_len=32,
+            value_embeds=True,
+            value_gate_channels=8,
+            state_init="like-init",
+        ),
+        "loops": dict(sampler="poisson", mean_loops=2.0, backprop_loops=1),
+        "data": dict(path=str(data_dir), seq_len=32),
+        "optim": dict(lr=3e-3, warmup_steps=2),
+        "train": dict(
+            out=str(out),
+            steps=8,
+            global_batch=4,
+            seed=0,
+            log_every=1,
+            checkpoint_every=4,
+            keep_checkpoints=3,
+            progress=False,
+        ),
+        "eval": dict(every=0, loops=[1, 2], max_windows=4, batch_size=4),
+    }
+    for section, values in sections.items():
+        tree.setdefault(section, {}).update(values)
+    return from_dict(tree)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss per step from a run's metrics.jsonl."""
+    import json
+
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +60,20 @@ def state_dict_for_save(model: LoopedLM) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def save(model: LoopedLM, path: str | Path, config: Config | None = None, **run: Any) -> Path:
-    """Write a checkpoint directory; a temporary sibling is renamed into place so a killed save leaves no half directory."""
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to fill; on success it is renamed into place (replacing `path`),
+    so a killed writer leaves the previous directory or nothing, never half a directory."""
     path = Path(path)
-    cfg = config or Config(model=model.cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / CONFIG).write_text(to_toml(cfg))
-    save_file(state_dict_for_save(model), str(tmp / WEIGHTS), metadata={"format": "looped"})
-    (tmp / RUN).write_text(json.dumps(run_info(**run), indent=2) + "\n")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         path.rename(old)
@@ -75,7 +81,29 @@ def save(model: LoopedLM, path: str | Path, config: Config | None = None, **run:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(path)
-    return path
+
+
+def write_model_files(
+    directory: Path, weights: dict[str, torch.Tensor], cfg: Config, tie_embeddings: bool, **run: Any
+) -> None:
+    """config.toml, model.safetensors (a tied head left out) and run.json into `directory`."""
+    if tie_embeddings:
+        weights = {k: v for k, v in weights.items() if k != "head.weight"}
+    (directory / CONFIG).write_text(to_toml(cfg))
+    save_file(
+        {k: v.detach().to("cpu").contiguous() for k, v in weights.items()},
+        str(directory / WEIGHTS),
+        metadata={"format": "looped"},
+    )
+    (directory / RUN).write_text(json.dumps(run_info(**run), indent=2) + "\n")
+
+
+def save(model: LoopedLM, path: str | Path, config: Config | None = None, **run: Any) -> Path:
+    """Write a checkpoint directory atomically (see `atomic_dir`); `run` adds fields to run.json."""
+    cfg = config or Config(model=model.cfg)
+    with atomic_dir(path) as tmp:
+        write_model_files(tmp, model.state_dict(), cfg, model.cfg.tie_embeddings, **run)
+    return Path(path)
 
 
 def load_config_dir(path: str | Path) -> Config:

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 
 from looped.checkpoint import CheckpointError
 from looped.config import ConfigError
+from looped.data.errors import DataError
 from looped.interop.parcae import ConversionError
+from looped.train.trainer import TrainingError
 
 INFO_LOOPS = (1, 2, 4, 8, 16, 32)
 
@@ -92,7 +94,89 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("src")
     c.add_argument("out")
+    p = sub.add_parser("data", help="prepare token data for training")
+    data = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = data.add_parser("prepare", help="tokenize a text source into shards with a train/validation split")
+    c.add_argument(
+        "source", help="'shakespeare' (built in), a .txt/.jsonl/.parquet file or folder, or hf:NAME"
+    )
+    c.add_argument("out", help="output directory")
+    c.add_argument("--tokenizer", choices=["bpe", "bytes"], default="bpe")
+    c.add_argument("--vocab-size", type=_positive, default=4096, help="BPE vocabulary size (default 4096)")
+    c.add_argument(
+        "--val-fraction", type=float, default=0.05, help="share of documents held out (default 0.05)"
+    )
+    c.add_argument("--shard-tokens", type=_positive, default=16_777_216, help="tokens per shard file")
+    c.add_argument("--text-field", default="text", help="the text field of .jsonl/.parquet/hf sources")
+    c.add_argument(
+        "--invalid-utf8",
+        choices=["replace", "skip", "error"],
+        default="replace",
+        help="text that is not UTF-8: replace bad bytes (default), skip the document, or stop",
+    )
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    c.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("train", help="train a looped LM (also under torchrun: python -m looped train ...)")
+    _model_source(p)
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in train.out from its newest checkpoint"
+    )
+
+    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint against loop counts")
+    p.add_argument("checkpoint")
+    p.add_argument("--loops", type=_int_list, default=[1, 2, 4, 8, 16, 32], help="default 1,2,4,8,16,32")
+    p.add_argument(
+        "--data", default=None, help="prepared data directory (default: the checkpoint's data.path)"
+    )
+    p.add_argument("--max-windows", type=_positive, default=None, help="validation sequences to use")
+    p.add_argument("--batch-size", type=_positive, default=None)
+    p.add_argument("--plot", default=None, metavar="PNG", help="write loss against loops as a PNG")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("generate", help="continue a prompt at one or more loop counts")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--loops", type=_int_list, default=None, help="loop counts, e.g. 1,4,16 (default: the model's)"
+    )
+    p.add_argument("--max-new-tokens", type=_positive, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=_positive, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
     return parser
+
+
+def _train(args: argparse.Namespace) -> None:
+    from looped.config import load_config
+    from looped.train.trainer import train
+
+    if args.checkpoint is not None:
+        raise ValueError("looped train takes --preset/--config/--set, not a checkpoint directory")
+    result = train(load_config(args.files, args.set), resume=args.resume)
+    if result.rank == 0:
+        print(result.summary())
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import json
+
+    from looped.checkpoint import load_config_dir
+    from looped.infer.sample import generate_text
+
+    loops = args.loops or [load_config_dir(args.checkpoint).model.loops]
+    records = generate_text(
+        args.checkpoint, args.prompt, loops, args.max_new_tokens, args.temperature, args.top_k, args.seed
+    )
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return
+    for r in records:
+        rate = r["tokens"] / r["seconds"] if r["seconds"] > 0 else 0.0
+        print(f"--- {r['loops']} loops ({r['tokens']} tokens, {rate:.0f} tokens/s)")
+        print(args.prompt + r["text"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,7 +205,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             out = convert_parcae(args.src, args.out)
             print(f"wrote {out}")
-    except (ConfigError, CheckpointError, ConversionError, ValueError) as e:
+        elif args.command == "data":
+            from looped.data.prepare import prepare
+
+            manifest = prepare(
+                args.source,
+                args.out,
+                tokenizer=args.tokenizer,
+                vocab_size=args.vocab_size,
+                val_fraction=args.val_fraction,
+                shard_tokens=args.shard_tokens,
+                text_field=args.text_field,
+                invalid_utf8=args.invalid_utf8,
+                seed=args.seed,
+                progress=not args.no_progress,
+                overwrite=args.overwrite,
+            )
+            tokens = manifest["tokens"]
+            print(f"wrote {args.out}: {tokens['train']:,} train and {tokens['val']:,} validation tokens")
+        elif args.command == "train":
+            _train(args)
+        elif args.command == "eval":
+            import json
+
+            from looped.science.evaluate import evaluate_checkpoint, format_eval
+
+            result = evaluate_checkpoint(
+                args.checkpoint, args.loops, args.data, args.max_windows, args.batch_size, args.plot
+            )
+            print(json.dumps(result, indent=2) if args.json else format_eval(result))
+        elif args.command == "generate":
+            _generate(args)
+    except (ConfigError, CheckpointError, ConversionError, DataError, TrainingError, ValueError) as e:
         print(f"looped {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -24,6 +24,7 @@ MLPKind = Literal["swiglu", "relu2", "gelu"]
 BlockNorm = Literal["pre-norm", "sandwich"]
 StateInit = Literal["zero", "normal", "like-init"]
 SpectralGroup = Literal["injection", "readout", "core-out", "core"]
+LoopSampler = Literal["fixed", "poisson", "poisson-lognormal"]
 
 
 class ConfigError(ValueError):
@@ -284,12 +285,204 @@ class ModelConfig(Section):
 
 
 @dataclass
+class LoopsConfig(Section):
+    """How many loops each training sequence runs, and how many of them carry gradients."""
+
+    _section: typing.ClassVar[str] = "loops"
+
+    sampler: LoopSampler = doc(
+        "poisson",
+        "fixed (always μ), poisson (Parcae: T ~ Poisson(μ), T ≥ 1) or poisson-lognormal (Huginn, mean μ).",
+    )
+    mean_loops: float = doc(4.0, "μ, the mean loop count in training (fixed: rounded to an integer).")
+    backprop_loops: int | None = doc(
+        None, "k: gradients flow through the last min(T, k) loops; None means ⌈μ/2⌉ (Parcae)."
+    )
+    per: Literal["sequence", "batch"] = doc(
+        "sequence", "Draw a depth per sequence (Parcae: fewer loss spikes) or one per batch."
+    )
+    max_loops: int | None = doc(None, "Cap on a drawn depth; None means 4·μ.")
+    lognormal_sigma: float = doc(0.5, "σ of the log-normal rate in poisson-lognormal (Huginn: 0.5).")
+    curriculum: Literal["none", "linear", "sqrt"] = doc(
+        "none", "Ramp μ from 1: linear, or sqrt (μ_t = 1 + (μ−1)·(1 − √(1 − p)), slow start); none keeps μ."
+    )
+    curriculum_fraction: float = doc(0.25, "Fraction of training steps the curriculum ramp lasts.")
+
+    def validate(self) -> None:
+        if self.mean_loops < 1:
+            raise ConfigError(f"loops.mean_loops must be ≥ 1, got {self.mean_loops}")
+        if self.sampler == "poisson-lognormal" and self.mean_loops <= 1:
+            raise ConfigError(
+                "loops.mean_loops must be > 1 for sampler = 'poisson-lognormal' (T = 1 + Poisson)"
+            )
+        if self.backprop_loops is not None and self.backprop_loops < 1:
+            raise ConfigError(f"loops.backprop_loops must be ≥ 1 (or None), got {self.backprop_loops}")
+        if self.max_loops is not None and self.max_loops < max(1, round(self.mean_loops)):
+            raise ConfigError(
+                f"loops.max_loops = {self.max_loops} is below loops.mean_loops = {self.mean_loops}"
+            )
+        if self.lognormal_sigma <= 0:
+            raise ConfigError(f"loops.lognormal_sigma must be > 0, got {self.lognormal_sigma}")
+        if not 0 <= self.curriculum_fraction <= 1:
+            raise ConfigError(f"loops.curriculum_fraction must lie in [0, 1], got {self.curriculum_fraction}")
+
+    @property
+    def k(self) -> int:
+        """Backprop depth k (explicit, or ⌈μ/2⌉)."""
+        return self.backprop_loops if self.backprop_loops is not None else math.ceil(self.mean_loops / 2)
+
+    @property
+    def cap(self) -> int:
+        return self.max_loops if self.max_loops is not None else max(1, math.ceil(4 * self.mean_loops))
+
+
+@dataclass
+class DataConfig(Section):
+    """Where training tokens come from (a directory written by `looped data prepare`)."""
+
+    _section: typing.ClassVar[str] = "data"
+
+    path: str = doc("data/shakespeare", "Prepared token data: manifest.json, shards and tokenizer.json.")
+    seq_len: int = doc(256, "Tokens per training sequence (≤ model.max_seq_len).")
+
+    def validate(self) -> None:
+        if self.seq_len < 1:
+            raise ConfigError(f"data.seq_len must be ≥ 1, got {self.seq_len}")
+
+
+@dataclass
+class OptimConfig(Section):
+    """Optimizer, learning-rate schedule and clipping."""
+
+    _section: typing.ClassVar[str] = "optim"
+
+    optimizer: Literal["adamw", "muon"] = doc(
+        "adamw", "adamw for everything, or muon for 2-D hidden matrices with AdamW for the rest (Parcae)."
+    )
+    lr: float = doc(3e-3, "Peak AdamW learning rate.")
+    muon_lr: float = doc(0.02, "Peak Muon learning rate (hidden matrices, when optimizer = muon).")
+    muon_momentum: float = doc(0.95, "Muon momentum (Nesterov).")
+    betas: list[float] = doc([0.9, 0.95], "AdamW (β1, β2).")
+    eps: float = doc(1e-8, "AdamW epsilon.")
+    weight_decay: float = doc(
+        0.0, "Decoupled weight decay on hidden matrices only (never norms, injection, embeddings)."
+    )
+    schedule: Literal["wsd", "cosine", "constant"] = doc(
+        "wsd", "wsd (warmup, constant, linear cooldown), cosine (warmup, cosine decay) or constant."
+    )
+    warmup_steps: int = doc(0, "Linear warmup steps from 0 to the peak rate.")
+    cooldown_fraction: float = doc(
+        0.5, "wsd: fraction of steps, at the end, that decay linearly (Parcae: 0.5)."
+    )
+    min_lr_ratio: float = doc(0.0, "Final learning rate as a fraction of the peak.")
+    grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables.")
+
+    def validate(self) -> None:
+        for name in ("lr", "muon_lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"optim.{name} must be > 0, got {getattr(self, name)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be ≥ 0, got {self.warmup_steps}")
+        for name in ("cooldown_fraction", "min_lr_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"optim.{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+            raise ConfigError("optim.weight_decay and optim.grad_clip must be ≥ 0 and optim.eps > 0")
+
+
+@dataclass
+class TrainConfig(Section):
+    """The training run: length, batch, precision, parallelism, checkpoints, guards and logging."""
+
+    _section: typing.ClassVar[str] = "train"
+
+    out: str = doc("runs/run", "Run directory: checkpoints/, metrics.jsonl, final/ and tensorboard/.")
+    steps: int = doc(1000, "Optimizer steps.")
+    global_batch: int = doc(16, "Sequences per optimizer step, summed over ranks and micro-batches.")
+    micro_batch: int | None = doc(None, "Sequences per forward pass; None means global_batch / world size.")
+    seed: int = doc(0, "Seed of the model init, data order, loop depths and initial-state noise.")
+    device: Literal["auto", "cpu", "cuda"] = doc("auto", "auto picks cuda when available.")
+    precision: Literal["auto", "fp32", "bf16"] = doc(
+        "auto", "auto: bf16 autocast on GPU, fp32 on CPU (bf16 matmuls are slow on most CPUs)."
+    )
+    parallel: Literal["ddp", "fsdp"] = doc("ddp", "Under torchrun: DDP, or FSDP2 (fully_shard).")
+    activation_checkpointing: bool = doc(
+        False, "Recompute each gradient loop in backward instead of storing its activations."
+    )
+    threads: int | None = doc(None, "CPU threads for torch; None leaves torch's default.")
+    log_every: int = doc(10, "Steps between metrics.jsonl records (state norms and ρ(Ā) included).")
+    checkpoint_every: int = doc(200, "Steps between checkpoints (and one at the end).")
+    keep_checkpoints: int = doc(2, "Checkpoints kept; older ones are deleted after a successful save.")
+    max_bad_steps: int = doc(
+        3, "Non-finite steps in a row (each skipped) before rolling back to a checkpoint."
+    )
+    rollback_lr_scale: float = doc(0.5, "Learning-rate factor applied at each roll-back.")
+    max_rollbacks: int = doc(3, "Roll-backs before the run gives up.")
+    tensorboard: bool = doc(False, "Also write TensorBoard logs (needs the tensorboard package).")
+    progress: bool = doc(True, "Show a progress bar.")
+
+    def validate(self) -> None:
+        for name in (
+            "steps",
+            "global_batch",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "max_bad_steps",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ConfigError(f"train.micro_batch must be ≥ 1 (or None), got {self.micro_batch}")
+        if not 0 < self.rollback_lr_scale <= 1:
+            raise ConfigError(f"train.rollback_lr_scale must lie in (0, 1], got {self.rollback_lr_scale}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"train.threads must be ≥ 1 (or None), got {self.threads}")
+
+
+@dataclass
+class EvalConfig(Section):
+    """Validation during training: loss at a sweep of loop counts."""
+
+    _section: typing.ClassVar[str] = "eval"
+
+    every: int = doc(
+        100, "Steps between validation sweeps (one always runs at the end); 0 means only at the end."
+    )
+    loops: list[int] = doc([], "Loop counts to evaluate; empty means 1, 2, 4, μ, 2μ.")
+    max_windows: int = doc(64, "Validation sequences (of data.seq_len tokens) per sweep.")
+    batch_size: int = doc(16, "Sequences per validation forward pass.")
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be ≥ 0, got {self.every}")
+        if any(t < 1 for t in self.loops):
+            raise ConfigError(f"eval.loops must all be ≥ 1, got {self.loops}")
+        if self.max_windows < 1 or self.batch_size < 1:
+            raise ConfigError("eval.max_windows and eval.batch_size must be ≥ 1")
+
+
+@dataclass
 class Config:
-    """The whole run configuration; later issues add training, data, inference and serving sections."""
+    """The whole run configuration, one section per concern; later issues add inference and serving sections."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    loops: LoopsConfig = field(default_factory=LoopsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
-    SECTIONS: typing.ClassVar[dict[str, type[Section]]] = {"model": ModelConfig}
+    SECTIONS: typing.ClassVar[dict[str, type[Section]]] = {
+        "model": ModelConfig,
+        "loops": LoopsConfig,
+        "data": DataConfig,
+        "optim": OptimConfig,
+        "train": TrainConfig,
+        "eval": EvalConfig,
+    }
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: getattr(self, name).to_dict() for name in self.SECTIONS}
@@ -341,9 +534,15 @@ def load_config(files: typing.Sequence[str | Path] = (), overrides: typing.Seque
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
         for section, values in data.items():
             if not isinstance(values, dict):
-                raise ConfigError(
-                    f"{path}: top-level key '{section}' must be a [section]{_closest(section, Config.SECTIONS)}"
+                owners = [
+                    n
+                    for n, c in Config.SECTIONS.items()
+                    if section in {f.name for f in dataclasses.fields(c)}
+                ]
+                hint = (
+                    f" (it belongs under ['{owners[0]}'])" if owners else _closest(section, Config.SECTIONS)
                 )
+                raise ConfigError(f"{path}: top-level key '{section}' must be a [section]{hint}")
             for key, value in values.items():
                 _set_in(tree, section, key, value, str(path))
     for item in overrides:

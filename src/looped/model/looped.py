@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from looped.config import ModelConfig
@@ -72,6 +73,8 @@ class LoopedLM(nn.Module):
         self.register_buffer(
             "rope", rope_table(cfg.dim_head, cfg.max_seq_len, cfg.rope_base), persistent=False
         )
+        # Set by the trainer (a memory/compute trade-off, not part of the architecture).
+        self.activation_checkpointing = False
         self.constraint = (
             SpectralConstraint(self.constrained_weights(), cfg.spectral_bound) if cfg.spectral_norm else None
         )
@@ -208,6 +211,8 @@ class LoopedLM(nn.Module):
 
         Sequences are right-aligned: a sequence with T_b < T_max loops idles (and costs nothing) during the
         first T_max − T_b iterations, so the last k iterations are the gradient ones for every sequence.
+        With `activation_checkpointing` set, each gradient loop is recomputed in backward instead of
+        keeping its activations, so memory holds one loop's activations plus k states.
         """
         t_max = int(loops.max())
         k = t_max if backprop_loops is None else max(0, min(int(backprop_loops), t_max))
@@ -217,19 +222,24 @@ class LoopedLM(nn.Module):
         norms: list[torch.Tensor] = []
         states = [h.detach()] if keep_states else []
         for t in range(t_max):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= t_max - k):
+            grad = torch.is_grad_enabled() and t >= t_max - k
+            step = self._checkpointed_step if grad and self.activation_checkpointing else self.core_step
+            with torch.set_grad_enabled(grad):
                 active = start <= t
                 if bool(active.all()):
-                    h = self.core_step(h, u, rope, ves)
+                    h = step(h, u, rope, ves)
                 else:
                     rows = active.nonzero().squeeze(1)
                     sub = {i: v[rows] for i, v in ves.items()}
-                    h_rows = self.core_step(h[rows], self.injection.select(u, rows), rope, sub)
+                    h_rows = step(h[rows], self.injection.select(u, rows), rope, sub)
                     h = h.index_copy(0, rows, h_rows)
             norms.append(h.detach().norm(dim=-1).mean())
             if keep_states:
                 states.append(h.detach())
         return h, torch.stack(norms), states
+
+    def _checkpointed_step(self, h, u, rope, ves):
+        return torch.utils.checkpoint.checkpoint(self.core_step, h, u, rope, ves, use_reentrant=False)
 
     # ------------------------------------------------------------------ constraints and reports
     def constrained_weights(self) -> dict[str, nn.Parameter]:

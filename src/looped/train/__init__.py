@@ -1,0 +1,1 @@
+"""Training: loop sampler, optimizers and schedules, checkpoints, the training loop, distributed set-up."""

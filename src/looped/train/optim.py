@@ -1,0 +1,116 @@
+"""Optimizers and learning-rate schedules: AdamW, or Muon for hidden matrices with AdamW for the rest (Parcae)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from looped.config import ConfigError, OptimConfig
+
+# Blocks whose 2-D weights are "hidden matrices": Muon's domain, and the only weights that get weight decay.
+# Embeddings, the head, norms and the injection (whose A_log, dt and B set the loop's stability) never decay.
+_HIDDEN_PREFIXES = ("prelude.", "core.", "coda.", "readout.")
+
+
+def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(hidden matrices, everything else); a tied weight appears once."""
+    hidden, rest, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        name = name.removeprefix("module.")  # DDP
+        (hidden if p.ndim == 2 and name.startswith(_HIDDEN_PREFIXES) else rest).append(p)
+    return hidden, rest
+
+
+class Optimizers:
+    """One or two torch optimizers stepped together; each group remembers its peak rate in `base_lr`."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group.setdefault("base_lr", group["lr"])
+
+    def set_lr(self, factor: float) -> None:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * factor
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        """The current rate of the first group (AdamW's, or Muon's when Muon is used)."""
+        return self.optimizers[0].param_groups[0]["lr"]
+
+
+def build_optimizers(model: nn.Module, cfg: OptimConfig, sharded: bool = False) -> Optimizers:
+    """AdamW over all parameters, or Muon over hidden matrices plus AdamW over the rest.
+
+    Args:
+        model: the (possibly DDP-wrapped) model.
+        cfg: the [optim] section.
+        sharded: parameters are FSDP2 shards (Muon needs whole matrices, so it is refused there).
+    """
+    hidden, rest = split_params(model)
+    betas = (cfg.betas[0], cfg.betas[1])
+    fused = {"foreach": True}
+    if cfg.optimizer == "adamw":
+        groups = [{"params": hidden, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        return Optimizers([torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, **fused)])
+    if sharded:
+        raise ConfigError(
+            "optim.optimizer = 'muon' needs whole matrices; use train.parallel = 'ddp' or adamw"
+        )
+    if not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"optim.optimizer = 'muon' needs torch ≥ 2.9 (this is {torch.__version__})")
+    opts: list[torch.optim.Optimizer] = []
+    if hidden:
+        opts.append(
+            torch.optim.Muon(
+                hidden,
+                lr=cfg.muon_lr,
+                weight_decay=cfg.weight_decay,
+                momentum=cfg.muon_momentum,
+                nesterov=True,
+            )
+        )
+    if rest:
+        opts.append(torch.optim.AdamW(rest, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=0.0, **fused))
+    return Optimizers(opts)
+
+
+def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:
+    """Learning-rate multiplier at `step` (0-based) of `total_steps`: warmup, then the schedule's shape."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    low = cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "wsd":
+        cool_start = max(cfg.warmup_steps, total_steps * (1 - cfg.cooldown_fraction))
+        if step < cool_start:
+            return 1.0
+        progress = (step - cool_start) / max(1.0, total_steps - cool_start)
+        return 1 - (1 - low) * min(1.0, progress)
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def describe(opts: Optimizers) -> dict[str, Any]:
+    """Parameter counts per optimizer, for the run log."""
+    return {
+        type(o).__name__: sum(p.numel() for g in o.param_groups for p in g["params"]) for o in opts.optimizers
+    }

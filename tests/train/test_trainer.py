@@ -1,0 +1,166 @@
+"""The training loop: learning, exact resume, guards and roll-back, checkpoints, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from helpers import losses, train_config, write_corpus
+
+from looped import load
+from looped.config import ConfigError
+from looped.data import DataError
+from looped.data.prepare import prepare
+from looped.train import checkpoints as ckpt
+from looped.train import trainer
+from looped.train.trainer import TrainingError, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    prepare(write_corpus(root / "text"), root / "tokens", tokenizer="bytes", val_fraction=0.2, progress=False)
+    return root / "tokens"
+
+
+def test_loss_falls_and_run_dir_is_complete(data, tmp_path):
+    cfg = train_config(data, tmp_path / "run", train={"steps": 30, "checkpoint_every": 10}, eval={"every": 0})
+    result = train(cfg)
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 30
+    first = sum(curve[s] for s in range(1, 4)) / 3
+    last = sum(curve[s] for s in range(28, 31)) / 3
+    assert last < first - 1.0, (first, last)
+    assert set(result.eval) == {1, 2} and all(math.isfinite(v) for v in result.eval.values())
+    assert result.eval[2] < math.log(256)  # better than uniform over bytes
+    # The final directory loads on its own, with its tokenizer, and gives the logged validation loss back.
+    model = load(result.final)
+    assert (result.final / "tokenizer.json").is_file()
+    assert model.cfg.vocab_size == 256
+    kept = [p.name for p in ckpt.checkpoints(tmp_path / "run")]
+    assert kept == ["step_0000030", "step_0000020", "step_0000010"]
+    assert "done: 30 steps" in result.summary()
+
+
+def test_kill_and_resume_equals_uninterrupted_run(data, tmp_path, monkeypatch):
+    cfg = train_config(data, tmp_path / "full", train={"steps": 10, "checkpoint_every": 4})
+    train(cfg)
+    full = losses(tmp_path / "full")
+
+    # The second run dies in the middle of step 7 (after the checkpoint at step 4 — and at 0).
+    cfg2 = train_config(data, tmp_path / "killed", train={"steps": 10, "checkpoint_every": 4})
+    real = trainer._forward_loss
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_forward_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg2)
+    monkeypatch.setattr(trainer, "_forward_loss", real)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(cfg2)
+    result = train(cfg2, resume=True)
+    resumed = losses(tmp_path / "killed")
+    assert sorted(resumed) == list(range(1, 11))  # records after the checkpoint were rewritten, not doubled
+    for step in range(1, 11):
+        assert abs(resumed[step] - full[step]) <= 1e-6, (step, resumed[step], full[step])
+    a, b = load(tmp_path / "full" / "final"), load(result.final)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_corrupt_checkpoint_falls_back_to_previous(data, tmp_path, capsys):
+    cfg = train_config(data, tmp_path / "run", train={"steps": 8, "checkpoint_every": 4})
+    train(cfg)
+    newest = ckpt.checkpoints(tmp_path / "run")[0]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    assert "sha256" in ckpt.verify(newest)
+    cfg_more = train_config(data, tmp_path / "run", train={"steps": 10, "checkpoint_every": 4})
+    result = train(cfg_more, resume=True)
+    assert "unusable" in capsys.readouterr().out
+    assert result.steps == 10
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 11))
+
+
+def test_non_finite_steps_are_skipped_then_rolled_back(data, tmp_path, monkeypatch, capsys):
+    real = trainer._forward_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        if 6 <= calls["n"] <= 8:  # steps 6, 7, 8 (1-based calls) give NaN
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer, "_forward_loss", poisoned)
+    cfg = train_config(data, tmp_path / "run", train={"steps": 10, "checkpoint_every": 4, "max_bad_steps": 3})
+    result = train(cfg)
+    out = capsys.readouterr().out
+    assert out.count("non-finite loss; step skipped") == 3
+    assert "rolled back to step 4 with the learning rate × 0.5" in out
+    assert result.skipped == 3 and result.rollbacks == 1 and result.steps == 10
+    rec = json.loads(ckpt.checkpoints(tmp_path / "run")[0].joinpath("trainer.json").read_text())
+    assert rec["lr_scale"] == 0.5
+    assert all(math.isfinite(v) for v in losses(tmp_path / "run").values())
+
+
+def test_gives_up_after_max_rollbacks(data, tmp_path, monkeypatch):
+    real = trainer._forward_loss
+
+    def always_nan(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer, "_forward_loss", always_nan)
+    cfg = train_config(data, tmp_path / "run", train={"max_bad_steps": 2, "max_rollbacks": 1})
+    with pytest.raises(TrainingError, match="diverges"):
+        train(cfg)
+
+
+def test_activation_checkpointing_gives_the_same_run(data, tmp_path):
+    train(train_config(data, tmp_path / "a", train={"steps": 4}))
+    train(train_config(data, tmp_path / "b", train={"steps": 4, "activation_checkpointing": True}))
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert all(abs(a[s] - b[s]) < 1e-5 for s in a)
+
+
+def test_muon_and_cosine_train(data, tmp_path):
+    cfg = train_config(
+        data, tmp_path / "run", optim={"optimizer": "muon", "schedule": "cosine"}, train={"steps": 12}
+    )
+    train(cfg)
+    curve = losses(tmp_path / "run")
+    assert curve[12] < curve[1]
+
+
+def test_vocab_follows_the_tokenizer(data, tmp_path, capsys):
+    cfg = train_config(data, tmp_path / "run", model={"vocab_size": 512}, train={"steps": 1})
+    result = train(cfg)
+    assert "model.vocab_size 512 → 256" in capsys.readouterr().out
+    assert load(result.final).cfg.vocab_size == 256
+
+
+def test_bad_inputs_give_clear_errors(data, tmp_path):
+    with pytest.raises(DataError, match="looped data prepare"):
+        train(train_config(tmp_path / "nowhere", tmp_path / "run"))
+    with pytest.raises(ConfigError, match="global_batch"):
+        train(train_config(data, tmp_path / "run2", train={"global_batch": 5, "micro_batch": 2}))
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        train(train_config(data, tmp_path / "run3", data={"seq_len": 64}))
+
+
+def test_resume_without_checkpoints_starts_fresh(data, tmp_path):
+    result = train(train_config(data, tmp_path / "run", train={"steps": 2}), resume=True)
+    assert result.steps == 2
+    shutil.rmtree(tmp_path / "run")
