@@ -82,19 +82,7 @@ def train_config(data_dir: Path, out: Path, **sections) -> Config:
     from looped.config import from_dict
 
     tree = {
-        "model": dict(
-            vocab_size=256,
-            width=32,
-            n_heads=2,
-            prelude_layers=1,
-            core_layers=1,
-            coda_layers=1,
-            loops=2,
-            max_seq_len=32,
-            value_embeds=True,
-            value_gate_channels=8,
-            state_init="like-init",
-        ),
+        "model": tiny(vocab_size=256, n_heads=2, core_layers=1, loops=2, state_init="like-init").to_dict(),
         "loops": dict(sampler="poisson", mean_loops=2.0, backprop_loops=1),
         "data": dict(path=str(data_dir), seq_len=32),
         "optim": dict(lr=3e-3, warmup_steps=2),
