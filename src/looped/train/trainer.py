@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from looped.checkpoint import atomic_dir, write_model_files
-from looped.config import Config, ConfigError, to_toml
+from looped.config import Config, ConfigError, from_dict, to_toml
 from looped.data import DataError
 from looped.data.loader import Loader, TokenData, val_windows
 from looped.model.accounting import flops_per_token
@@ -166,8 +166,6 @@ def _check(cfg: Config, data: TokenData, d: Dist, log: _Log) -> Config:
         )
         tree = cfg.to_dict()
         tree["model"]["vocab_size"] = vocab
-        from looped.config import from_dict
-
         cfg = from_dict(tree)
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
