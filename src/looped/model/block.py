@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from looped.config import ModelConfig
 from looped.model.layers import MLP, Attention, RMSNorm
+
+if TYPE_CHECKING:
+    from looped.infer.cache import LayerKV
 
 
 class Block(nn.Module):
@@ -22,8 +27,10 @@ class Block(nn.Module):
         self.attn_out_norm = RMSNorm(cfg.width, cfg.norm_eps) if sandwich else None
         self.mlp_out_norm = RMSNorm(cfg.width, cfg.norm_eps) if sandwich else None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, ve: torch.Tensor | None = None) -> torch.Tensor:
-        a = self.attn(self.attn_norm(x), rope, ve)
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, ve: torch.Tensor | None = None, kv: LayerKV | None = None
+    ) -> torch.Tensor:
+        a = self.attn(self.attn_norm(x), rope, ve, kv)
         if self.attn_out_norm is not None:
             a = self.attn_out_norm(a)
         x = x + a

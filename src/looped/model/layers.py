@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from looped.config import ModelConfig
+
+if TYPE_CHECKING:
+    from looped.infer.cache import LayerKV
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -83,9 +88,13 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     backward, where real arithmetic on the pairs takes seven strided passes. On CPU it is the real
     arithmetic bit for bit wherever the product vectorises (hd/2 a multiple of 8: head_dim 16, 32, 64,
     128, ...); elsewhere it may differ in the last bit.
+    A table of shape (2, B, S, hd/2) gives each sequence its own positions (the KV-cached path).
     """
     table = table.to(torch.promote_types(table.dtype, torch.float32))  # a model cast to bfloat16 casts it too
-    rotation = torch.complex(table[0], table[1])[None, :, None, :]  # (1, S, 1, hd/2)
+    rotation = torch.complex(table[0], table[1])
+    rotation = (
+        rotation[None, :, None, :] if rotation.ndim == 2 else rotation[:, :, None, :]
+    )  # (·, S, 1, hd/2)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, S, H, hd/2)
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
@@ -105,7 +114,11 @@ class Attention(nn.Module):
         self.gate_channels = cfg.value_gate_channels
         self.ve_gate = nn.Linear(self.gate_channels, self.n_kv, bias=False) if value_embed else None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, ve: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, ve: torch.Tensor | None = None, kv: LayerKV | None = None
+    ) -> torch.Tensor:
+        """x (B, S, D) → (B, S, D). With `kv` (a KV-cache layer, `looped.infer.cache`), this call's keys and
+        values are stored and the queries attend to every cached key the cache makes visible."""
         B, S, _ = x.shape  # (B, S, D)
         q = self.wq(x).view(B, S, self.n_heads, self.hd)
         k = self.wk(x).view(B, S, self.n_kv, self.hd)
@@ -117,13 +130,19 @@ class Attention(nn.Module):
         if self.qk_norm:
             # Parameter-free, default eps: rotation keeps the norm, so order against RoPE does not matter.
             q, k = rms_norm(q), rms_norm(k)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            is_causal=True,
-            enable_gqa=self.n_kv != self.n_heads,
-        )  # (B, H, S, hd)
+        if kv is None:
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                is_causal=True,
+                enable_gqa=self.n_kv != self.n_heads,
+            )  # (B, H, S, hd)
+        else:
+            keys, values, mask = kv.update(k, v)  # (B, n_kv, S_cache, hd) twice, (B, 1, S, S_cache)
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads
+            )
         return self.wo(y.transpose(1, 2).reshape(B, S, self.n_heads * self.hd))
 
 

@@ -75,6 +75,9 @@ class LoopedLM(nn.Module):
         )
         # Set by the trainer (a memory/compute trade-off, not part of the architecture).
         self.activation_checkpointing = False
+        self._state_table: torch.Tensor | None = (
+            None  # eval-mode initial state by position, made on first use
+        )
         self.constraint = (
             SpectralConstraint(self.constrained_weights(), cfg.spectral_bound) if cfg.spectral_norm else None
         )
@@ -172,23 +175,33 @@ class LoopedLM(nn.Module):
             )
         return counts.to(device)
 
-    def initial_state(self, e: torch.Tensor) -> torch.Tensor:
+    def initial_state(self, e: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The state before the first loop: zero, N(0, 1), or truncated normal at the init std.
 
-        In training a random state is fresh noise each call; in eval mode it is drawn from `state_seed`,
-        so evaluation is deterministic.
+        In training a random state is fresh noise each call. In eval mode it is a fixed function of the
+        position, drawn once from `state_seed`, so evaluation is deterministic and a token decoded with a KV
+        cache starts from the same state as in a full forward pass. `positions`: (B, S), default 0..S-1.
         """
         kind = self.cfg.state_init
         if kind == "zero":
             return torch.zeros_like(e)
-        gen = None if self.training else torch.Generator().manual_seed(self.cfg.state_seed)
-        h = torch.empty(e.shape, dtype=torch.float32)
-        if kind == "like-init":
+        if self.training:
+            return self._noise(e.shape, None).to(device=e.device, dtype=e.dtype)
+        table = self._state_table
+        if table is None or table.device != e.device or table.dtype != e.dtype:
+            gen = torch.Generator().manual_seed(self.cfg.state_seed)
+            table = self._noise((self.cfg.max_seq_len, e.shape[-1]), gen).to(device=e.device, dtype=e.dtype)
+            self._state_table = table
+        if positions is None:
+            return table[: e.shape[1]].expand(e.shape).clone()
+        return table[positions.to(e.device)]
+
+    def _noise(self, shape: tuple[int, ...], gen: torch.Generator | None) -> torch.Tensor:
+        h = torch.empty(shape, dtype=torch.float32)
+        if self.cfg.state_init == "like-init":
             std = self.cfg.std
-            nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std, generator=gen)
-        else:
-            h.normal_(generator=gen)
-        return h.to(device=e.device, dtype=e.dtype)
+            return nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std, generator=gen)
+        return h.normal_(generator=gen)
 
     def core_step(self, h: torch.Tensor, u, rope: torch.Tensor, ves: dict[int, torch.Tensor]) -> torch.Tensor:
         """One loop: inject, then the core blocks."""
@@ -318,3 +331,11 @@ class LoopedLM(nn.Module):
     ) -> int:
         """KV-cache bytes per token; `shared` keeps one entry per core layer instead of one per (loop, layer)."""
         return accounting.kv_cache_bytes_per_token(self.cfg, loops or self.cfg.loops, dtype, shared)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts, kv_cache: str | None = None, **kwargs):
+        """Generate with a KV cache: a thin wrapper over `looped.Engine(self, kv_cache=...).generate(prompts,
+        **kwargs)`; prompts are token ids (a list, a list of lists or a tensor). See `looped.infer.engine`."""
+        from looped.infer.engine import Engine
+
+        return Engine(self, kv_cache=kv_cache).generate(prompts, **kwargs)

@@ -81,7 +81,10 @@ def save_training(
     if d.main:
         path = run_dir / "checkpoints" / f"step_{step:07d}"
         with atomic_dir(path) as tmp:
-            write_model_files(tmp, weights, cfg, cfg.model.tie_embeddings, world_size=d.world, step=step)
+            tok = {"tokenizer_sha256": sha256(tokenizer_file)} if tokenizer_file is not None else {}
+            write_model_files(
+                tmp, weights, cfg, cfg.model.tie_embeddings, world_size=d.world, step=step, **tok
+            )
             torch.save(optim, tmp / OPTIMIZER)
             if tokenizer_file is not None:
                 shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")

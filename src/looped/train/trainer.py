@@ -374,8 +374,9 @@ def _train(cfg: Config, d: Dist, resume: bool) -> TrainResult:
         if d.main:
             final = run_dir / "final"
             with atomic_dir(final) as tmp:
+                tok = {"tokenizer_sha256": ckpt.sha256(tokenizer_file)} if tokenizer_file.is_file() else {}
                 write_model_files(
-                    tmp, weights, cfg, cfg.model.tie_embeddings, world_size=d.world, step=state["step"]
+                    tmp, weights, cfg, cfg.model.tie_embeddings, world_size=d.world, step=state["step"], **tok
                 )
                 if tokenizer_file.is_file():
                     (tmp / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())

@@ -1,0 +1,211 @@
+"""KV caches for looped models: `per-loop` (one entry per (loop, core layer), memory ∝ loops) or `shared`
+(one entry per core layer, written by the last loop each position ran; memory does not depend on loops).
+
+Layout: every group of keys/values is a (rows, kv_heads, slots, dim_head) tensor. A row is one sequence; its
+tokens sit at slots 0, 1, ... in order, so sequences of different lengths share a batch without padding
+tricks, and rows can be taken and released while others keep decoding (the server's continuous batching).
+
+What an attention layer sees at loop t (the rules the engine's tests check against recomputation):
+- prelude and coda layers: the entries of all earlier positions, one per position, as in any transformer;
+- core layers, `per-loop`: position j's entry from loop min(t, T_j), T_j being the loops position j ran
+  (Huginn's "latest" fallback when j exited early), so a fixed loop count equals the uncached model exactly;
+- core layers, `shared`: position j's entry from its last loop T_j, whatever t is. Tokens written in one call
+  (a prompt) see each other at the current loop, as they are computed in parallel.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from looped.config import ModelConfig
+
+KVMode = Literal["per-loop", "shared"]
+KV_MODES = ("per-loop", "shared")
+
+
+class KVCache:
+    """Keys and values of every attention layer for up to `rows` sequences; grows in rows, slots and loops."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        mode: KVMode = "shared",
+        rows: int = 1,
+        slots: int = 64,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if mode not in KV_MODES:
+            raise ValueError(f"unknown kv_cache mode {mode!r}; choose one of {', '.join(KV_MODES)}")
+        self.cfg, self.mode = cfg, mode
+        self.device, self.dtype = torch.device(device or "cpu"), dtype
+        self.rows, self.slots = max(1, rows), max(1, min(slots, cfg.max_seq_len))
+        self.lengths = torch.zeros(self.rows, dtype=torch.long)  # tokens stored per row (kept on CPU)
+        self.in_use = [False] * self.rows
+        self.loop_groups = 0  # core groups allocated per layer (per-loop mode)
+        self.groups: dict[tuple, list[torch.Tensor]] = {}
+        for i in range(cfg.prelude_layers):
+            self.groups[("prelude", i)] = self._new()
+        for i in range(cfg.coda_layers):
+            self.groups[("coda", i)] = self._new()
+        if cfg.looped and mode == "shared":
+            for i in range(cfg.core_layers):
+                self.groups[("core", i, 0)] = self._new()
+
+    # ------------------------------------------------------------------ storage
+    def _new(self) -> list[torch.Tensor]:
+        shape = (self.rows, self.cfg.kv_heads, self.slots, self.cfg.dim_head)
+        return [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(2)]
+
+    def _resize(self, rows: int, slots: int) -> None:
+        old_rows, old_slots = self.rows, self.slots
+        self.rows, self.slots = rows, slots
+        for key, kv in self.groups.items():
+            new = self._new()
+            for a, b in zip(new, kv, strict=True):
+                a[:old_rows, :, :old_slots] = b
+            self.groups[key] = new
+        if rows > old_rows:
+            self.lengths = torch.cat([self.lengths, torch.zeros(rows - old_rows, dtype=torch.long)])
+            self.in_use += [False] * (rows - old_rows)
+
+    def reserve(self, slots: int) -> None:
+        """Make room for `slots` positions per row (doubling, capped at max_seq_len)."""
+        if slots > self.cfg.max_seq_len:
+            raise ValueError(f"{slots} positions exceed the model's context of {self.cfg.max_seq_len} tokens")
+        if slots > self.slots:
+            self._resize(self.rows, min(self.cfg.max_seq_len, max(slots, 2 * self.slots)))
+
+    def ensure_loops(self, loops: int) -> None:
+        """Per-loop mode: have groups for loops 1..`loops`; a new group starts as a copy of the newest one,
+        which is what every position's latest loop was (the min(t, T_j) rule)."""
+        if self.mode != "per-loop" or not self.cfg.looped:
+            return
+        for t in range(self.loop_groups, loops):
+            for i in range(self.cfg.core_layers):
+                if t == 0:
+                    self.groups[("core", i, t)] = self._new()
+                else:
+                    self.groups[("core", i, t)] = [x.clone() for x in self.groups[("core", i, t - 1)]]
+        self.loop_groups = max(self.loop_groups, loops)
+
+    def group(self, kind: str, layer: int, loop: int = 0) -> list[torch.Tensor]:
+        if kind == "core":
+            return self.groups[("core", layer, loop if self.mode == "per-loop" else 0)]
+        return self.groups[(kind, layer)]
+
+    # ------------------------------------------------------------------ rows
+    def allocate(self) -> int:
+        """Take a free row (growing the cache when all are taken); its length starts at 0."""
+        free = [r for r, used in enumerate(self.in_use) if not used]
+        if free:
+            r = free[0]
+        else:
+            r = self.rows
+            self._resize(2 * self.rows, self.slots)
+        self.in_use[r] = True
+        self.lengths[r] = 0
+        return r
+
+    def release(self, row: int) -> None:
+        self.in_use[row] = False
+        self.lengths[row] = 0
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+        self.in_use = [False] * self.rows
+
+    # ------------------------------------------------------------------ copying loops forward
+    def fill_later_loops(self, rows: torch.Tensor, slots: torch.Tensor, used: torch.Tensor) -> None:
+        """Per-loop mode: positions (rows[b], slots[b, :]) ran `used[b]` loops; copy their last entry into the
+        groups of later loops, so a later token at loop t > used[b] reads it (the min(t, T_j) rule)."""
+        if self.mode != "per-loop" or not self.cfg.looped:
+            return
+        for u in sorted(set(used.tolist())):
+            if u >= self.loop_groups:
+                continue
+            sel = (used == u).nonzero().squeeze(1)
+            r, s = rows[sel][:, None], slots[sel]
+            for i in range(self.cfg.core_layers):
+                src = self.groups[("core", i, u - 1)]
+                for t in range(u, self.loop_groups):
+                    dst = self.groups[("core", i, t)]
+                    for a, b in zip(dst, src, strict=True):
+                        a[r, :, s] = b[r, :, s]
+
+    # ------------------------------------------------------------------ accounting
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values."""
+        return sum(x.numel() * x.element_size() for kv in self.groups.values() for x in kv)
+
+    def used_bytes(self) -> int:
+        """Bytes of the entries that hold tokens (tokens stored × groups × keys and values)."""
+        tokens = int(self.lengths.sum())
+        per_token = (
+            2 * self.cfg.kv_heads * self.cfg.dim_head * torch.empty((), dtype=self.dtype).element_size()
+        )
+        return tokens * per_token * len(self.groups)
+
+    def view(
+        self, rows: torch.Tensor, slots: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> CacheView:
+        """Bind one forward call: rows (B,), the slots its tokens are written to (B, P), and optionally a
+        (B, S) mask of keys that may be attended (False for padding)."""
+        self.reserve(int(slots.max()) + 1)
+        return CacheView(self, rows, slots, key_mask)
+
+
+class CacheView:
+    """One forward call's window onto the cache: which rows, which slots are written, what is visible."""
+
+    def __init__(
+        self, cache: KVCache, rows: torch.Tensor, slots: torch.Tensor, key_mask: torch.Tensor | None
+    ) -> None:
+        self.cache, self.rows, self.slots = cache, rows, slots
+        self.span = int(slots.max()) + 1  # keys 0..span-1 are read
+        B = rows.shape[0]
+        # Rows 0..B-1 in order (one request, or a full batch) read the cache through views, without copying.
+        self.contiguous = bool(torch.equal(rows.cpu(), torch.arange(B)))
+        key_pos = torch.arange(self.span, device=slots.device)
+        visible = key_pos[None, None, :] <= slots[:, :, None]  # (B, P, S): causal over slots
+        if key_mask is not None:
+            visible = visible & key_mask[:, None, : self.span].to(torch.bool)
+        self.mask = visible[:, None].to(cache.device)  # (B, 1, P, S)
+        self._r = rows.to(cache.device)[:, None]
+        self._s = slots.to(cache.device)
+
+    def subset(self, index: torch.Tensor) -> CacheView:
+        """The same call restricted to batch entries `index` (rows still running the loop)."""
+        view = object.__new__(CacheView)
+        view.cache, view.rows, view.slots = self.cache, self.rows[index], self.slots[index]
+        view.span = self.span
+        view.contiguous = False
+        view.mask = self.mask[index]
+        view._r, view._s = self._r[index], self._s[index]
+        return view
+
+    def layer(self, kind: str, layer: int, loop: int = 0) -> LayerKV:
+        return LayerKV(self, self.cache.group(kind, layer, loop))
+
+
+class LayerKV:
+    """What an attention layer calls: store this call's keys and values, get back everything visible."""
+
+    __slots__ = ("view", "kv")
+
+    def __init__(self, view: CacheView, kv: list[torch.Tensor]) -> None:
+        self.view, self.kv = view, kv
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v: (B, P, kv_heads, dim_head) → keys, values (B, kv_heads, S, dim_head) and mask (B, 1, P, S)."""
+        view = self.view
+        K, V = self.kv
+        K[view._r, :, view._s] = k.to(K.dtype)
+        V[view._r, :, view._s] = v.to(V.dtype)
+        if view.contiguous:
+            n = view.rows.shape[0]
+            return K[:n, :, : view.span], V[:n, :, : view.span], view.mask
+        r = view._r[:, 0]
+        return K[:, :, : view.span].index_select(0, r), V[:, :, : view.span].index_select(0, r), view.mask

@@ -1,0 +1,518 @@
+"""The generation engine: prefill then cached decode for a batch of requests, each with its own loops, exit,
+budget and sampling; requests may join between decode steps (the server's continuous batching).
+
+    engine = Engine.from_checkpoint("runs/demo/final")
+    out = engine.generate("KING HENRY.", loops=8)                    # fixed depth
+    out = engine.generate(["To be", "Once"], loops=[2, 16])          # a depth per request, one batch
+    out = engine.generate("KING HENRY.", loops=16, exit="kl:1e-3")   # at most 16, fewer per token where it can
+    out = engine.generate("KING HENRY.", max_ms_per_token=15)        # loops that fit this machine right now
+    out.text, out.loops  # the text and the loops each token ran
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from looped.config import InferConfig
+from looped.infer.budget import LatencyController, Profile, calibrate, loops_for_flops
+from looped.infer.cache import KV_MODES, KVCache
+from looped.infer.exit import ExitCriterion, parse_exit
+from looped.infer.forward import forward_cached
+from looped.infer.sampling import SamplingParams, find_stop, next_token
+from looped.model.looped import LoopedLM
+
+
+@dataclass
+class Compute:
+    """How much compute a request may spend per token. Give `loops`, or one budget, or neither (the model's
+    default loops); `exit` then lets each token stop early, with `loops` (or the budget's choice) the most."""
+
+    loops: int | None = None
+    exit: str | ExitCriterion | None = None
+    min_loops: int = 1
+    max_flops_per_token: float | None = None
+    max_ms_per_token: float | None = None
+    warm_start: bool = False
+
+
+@dataclass
+class Generation:
+    """One finished request."""
+
+    text: str | None  # None without a tokenizer
+    token_ids: list[int]
+    loops: list[int]  # loops each generated token ran
+    finish_reason: str  # "stop": end-of-text or a stop string; "length": max_new_tokens or the context
+    prompt_tokens: int
+    prefill_ms: float
+    decode_ms: float
+    flops_per_token: float  # forward FLOPs per generated token at the loops it ran, averaged
+
+    @property
+    def mean_loops(self) -> float:
+        return sum(self.loops) / len(self.loops) if self.loops else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        seconds = (self.prefill_ms + self.decode_ms) / 1000
+        return len(self.token_ids) / seconds if seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean_loops"] = self.mean_loops
+        d["tokens_per_s"] = self.tokens_per_s
+        d["ms_per_token"] = (self.prefill_ms + self.decode_ms) / max(1, len(self.token_ids))
+        return d
+
+
+@dataclass(eq=False)
+class Request:
+    """A request in flight: its tokens, its settings and what it has produced so far."""
+
+    id: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    loops: int  # fixed loops, or the most with exit or a latency target
+    exit: ExitCriterion | None
+    min_loops: int
+    warm_start: bool
+    max_ms_per_token: float | None
+    on_token: Callable[[Request, str], None] | None = None
+    row: int = -1
+    generated: list[int] = field(default_factory=list)
+    loops_used: list[int] = field(default_factory=list)
+    pending: int | None = None  # sampled, not yet in the cache
+    state: torch.Tensor | None = None
+    finish_reason: str | None = None
+    text: str = ""
+    emitted: int = 0  # characters of text passed to on_token
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    generator: torch.Generator | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.generated)
+
+
+class Engine:
+    """Generates from one model for many requests at once; see the module docstring."""
+
+    def __init__(
+        self,
+        model: LoopedLM,
+        tokenizer=None,
+        *,
+        kv_cache: str | None = None,
+        infer: InferConfig | None = None,
+        profile: Profile | None = None,
+        notice: Callable[[str], None] | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.infer = infer or InferConfig()
+        self.kv_cache = kv_cache or self.infer.kv_cache
+        if self.kv_cache not in KV_MODES:
+            raise ValueError(f"unknown kv_cache {self.kv_cache!r}; choose one of {', '.join(KV_MODES)}")
+        p = next(model.parameters())
+        self.device = p.device
+        self.cache = KVCache(model.cfg, self.kv_cache, rows=4, slots=128, device=p.device, dtype=p.dtype)
+        self.profile = profile
+        self.controller = LatencyController(profile) if profile is not None else None
+        self.notice = notice or (lambda msg: print(msg, file=sys.stderr))
+        self.clock = time.perf_counter
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self._ids = 0
+        self.checkpoint: Path | None = None
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, *, kv_cache: str | None = None, device: str | torch.device = "cpu"
+    ) -> Engine:
+        """Load a checkpoint directory: weights, its tokenizer (checked against the model), [infer] defaults
+        and the calibration profile `looped calibrate` stored there, if any."""
+        from looped.checkpoint import CheckpointError, load, load_config_dir
+        from looped.data.tokenizer import Tokenizer
+
+        path = Path(path)
+        cfg = load_config_dir(path)
+        model = load(path, device=device)
+        tokenizer = None
+        if (path / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.load(path)
+            check_tokenizer(path, tokenizer, model.cfg.vocab_size)
+        elif not (path / "config.toml").is_file():
+            raise CheckpointError(f"{path}: not a looped checkpoint directory")
+        engine = cls(model, tokenizer, kv_cache=kv_cache, infer=cfg.infer, profile=Profile.load(path))
+        engine.checkpoint = path
+        return engine
+
+    # ------------------------------------------------------------------ requests
+    def sampling(self, **overrides) -> SamplingParams:
+        """SamplingParams from the [infer] defaults with `overrides` (None values are ignored)."""
+        base = {
+            "max_new_tokens": self.infer.max_new_tokens,
+            "temperature": self.infer.temperature,
+            "top_k": self.infer.top_k,
+            "top_p": self.infer.top_p,
+            "repetition_penalty": self.infer.repetition_penalty,
+        }
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        params = SamplingParams(**base)
+        params.validate()
+        return params
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt, checked: not empty, within the vocabulary, room for one more token."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    "this engine has no tokenizer: pass token ids, or load a checkpoint with one"
+                )
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab, context = self.model.cfg.vocab_size, self.model.cfg.max_seq_len
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt token ids must lie in [0, {vocab}), the model's vocabulary")
+        if len(ids) >= context:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; the model's context is {context} tokens "
+                f"(at most {context - 1} for the prompt)"
+            )
+        return ids
+
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        sampling: SamplingParams | None = None,
+        compute: Compute | None = None,
+        on_token: Callable[[Request, str], None] | None = None,
+    ) -> Request:
+        """Queue a request; it is prefilled at the next `step()`. `on_token(request, new_text)` streams."""
+        ids = self.encode(prompt)
+        sampling = sampling or self.sampling()
+        sampling.validate()
+        compute = compute or Compute()
+        loops, crit = self._resolve(compute, len(ids) + sampling.max_new_tokens)
+        if compute.max_ms_per_token is not None and self.controller is None:
+            self._calibrate_now()
+        req = Request(
+            id=self._ids,
+            prompt_ids=ids,
+            sampling=sampling,
+            loops=loops,
+            exit=crit,
+            min_loops=min(compute.min_loops, loops),
+            warm_start=compute.warm_start,
+            max_ms_per_token=compute.max_ms_per_token,
+            on_token=on_token,
+            generator=torch.Generator().manual_seed(sampling.seed),
+        )
+        self._ids += 1
+        if sampling.max_new_tokens == 0:
+            req.finish_reason = "length"
+        else:
+            self.waiting.append(req)
+        return req
+
+    def _resolve(self, compute: Compute, length: int) -> tuple[int, ExitCriterion | None]:
+        """(loops, exit criterion) for a request, with every bad value a ValueError."""
+        cap = self.infer.max_loops
+        budgets = [
+            name
+            for name, v in (
+                ("loops", compute.loops),
+                ("max_flops_per_token", compute.max_flops_per_token),
+                ("max_ms_per_token", compute.max_ms_per_token),
+            )
+            if v is not None
+        ]
+        if len(budgets) > 1:
+            raise ValueError(
+                f"give one of loops, max_flops_per_token, max_ms_per_token (got {', '.join(budgets)})"
+            )
+        crit = parse_exit(compute.exit)
+        if compute.loops is not None:
+            loops = int(compute.loops)
+            if not 1 <= loops <= cap:
+                raise ValueError(f"loops must lie in [1, {cap}] (infer.max_loops), got {compute.loops}")
+        elif compute.max_flops_per_token is not None:
+            seq_len = min(length, self.model.cfg.max_seq_len)
+            loops = loops_for_flops(self.model, compute.max_flops_per_token, seq_len, cap)
+        elif compute.max_ms_per_token is not None:
+            if not compute.max_ms_per_token > 0:
+                raise ValueError(f"max_ms_per_token must be > 0, got {compute.max_ms_per_token}")
+            loops = cap
+        else:
+            loops = min(self.model.cfg.loops, cap)
+        if compute.min_loops < 1:
+            raise ValueError(f"min_loops must be ≥ 1, got {compute.min_loops}")
+        return loops, crit
+
+    def _calibrate_now(self) -> None:
+        self.notice(
+            "no calibration profile for max_ms_per_token: measuring one now (run `looped calibrate` to keep one)"
+        )
+        cap = self.infer.max_loops
+        grid = sorted({t for t in (1, 2, 4, 8, 16, 32) if t <= cap} | {min(cap, 2)})
+        self.profile = calibrate(self.model, loops=grid, tokens=8, repeats=1, kv_cache=self.kv_cache)
+        self.controller = LatencyController(self.profile)
+
+    # ------------------------------------------------------------------ running
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> list[Request]:
+        """Prefill waiting requests, then decode one token for every running one; returns the requests that
+        got a token. Finished requests leave the batch and free their cache rows."""
+        touched: list[Request] = []
+        if self.waiting:
+            batch, self.waiting = self.waiting, []
+            self._prefill(batch)
+            touched += batch
+        decoding = [r for r in self.running if r.pending is not None and r not in touched]
+        groups: dict[tuple, list[Request]] = {}
+        for r in decoding:
+            groups.setdefault((repr(r.exit), r.min_loops, r.warm_start), []).append(r)
+        for group in groups.values():
+            self._decode(group)
+            touched += group
+        for r in [r for r in self.running if r.finished]:
+            self.cache.release(r.row)
+            self.running.remove(r)
+        return touched
+
+    def _loops_now(self, req: Request, batch: int) -> int:
+        if req.max_ms_per_token is None or self.controller is None:
+            return req.loops
+        return self.controller.pick(req.max_ms_per_token, batch, req.loops)
+
+    def _prefill(self, batch: list[Request]) -> None:
+        for r in batch:
+            r.row = self.cache.allocate()
+        width = max(len(r.prompt_ids) for r in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        for b, r in enumerate(batch):
+            ids[b, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        rows = torch.tensor([r.row for r in batch])
+        lengths = torch.tensor([len(r.prompt_ids) for r in batch])
+        loops = torch.tensor([self._loops_now(r, len(batch)) for r in batch])
+        start = self.clock()
+        out = forward_cached(
+            self.model,
+            self.cache,
+            ids.to(self.device),
+            rows=rows,
+            loops=loops.to(self.device),
+            lengths=lengths,
+        )
+        ms = (self.clock() - start) * 1000
+        for b, r in enumerate(batch):
+            r.prefill_ms = ms
+            self._accept(r, out.logits[b], int(out.loops[b]), None if out.state is None else out.state[b])
+        self.running += batch
+
+    def _decode(self, batch: list[Request]) -> None:
+        first = batch[0]
+        ids = torch.tensor([[r.pending] for r in batch], device=self.device)
+        rows = torch.tensor([r.row for r in batch])
+        loops = torch.tensor([self._loops_now(r, len(batch)) for r in batch])
+        warm = None
+        if first.warm_start and self.model.cfg.looped:
+            warm = torch.stack([r.state for r in batch])
+        start = self.clock()
+        out = forward_cached(
+            self.model,
+            self.cache,
+            ids,
+            rows=rows,
+            loops=loops.to(self.device),
+            exit=first.exit,
+            min_loops=first.min_loops,
+            warm_state=warm,
+        )
+        ms = (self.clock() - start) * 1000
+        if self.controller is not None and self.model.cfg.looped:
+            self.controller.observe(len(batch), float(out.loops.float().mean()), ms)
+        for b, r in enumerate(batch):
+            r.decode_ms += ms
+            r.pending = None
+            self._accept(r, out.logits[b], int(out.loops[b]), None if out.state is None else out.state[b])
+
+    def _accept(self, req: Request, logits: torch.Tensor, loops: int, state: torch.Tensor | None) -> None:
+        """Sample the next token of `req` and decide whether it is done."""
+        history = (
+            torch.tensor(req.prompt_ids + req.generated) if req.sampling.repetition_penalty != 1 else None
+        )
+        token = next_token(logits, req.sampling, history, req.generator)
+        req.loops_used.append(loops)
+        req.state = state
+        tok = self.tokenizer
+        if tok is not None and tok.eot_id is not None and token == tok.eot_id:
+            req.finish_reason = "stop"
+            self._emit(req, final=True)
+            return
+        req.generated.append(token)
+        if tok is not None:
+            req.text = tok.decode(req.generated)
+            cut = find_stop(req.text, req.sampling.stop)
+            if cut is not None:
+                req.text = req.text[:cut]
+                req.finish_reason = "stop"
+        if req.finish_reason is None and (
+            len(req.generated) >= req.sampling.max_new_tokens or req.length > self.model.cfg.max_seq_len
+        ):
+            req.finish_reason = "length"
+        if req.finish_reason is None:
+            req.pending = token
+        self._emit(req, final=req.finished)
+
+    def _emit(self, req: Request, final: bool) -> None:
+        """Stream new text, holding back what could still become a stop string or a partial character."""
+        if req.on_token is None or self.tokenizer is None:
+            return
+        end = len(req.text)
+        if not final:
+            while end and req.text[end - 1] == "\ufffd":
+                end -= 1
+            for s in req.sampling.stop:
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if req.text[:end].endswith(s[:k]):
+                        end -= k
+                        break
+        if end > req.emitted:
+            delta, req.emitted = req.text[req.emitted : end], end
+            req.on_token(req, delta)
+        elif final:
+            req.on_token(req, "")
+
+    def result(self, req: Request) -> Generation:
+        """The Generation of a finished request."""
+        flops = [
+            self._flops(t, min(len(req.prompt_ids) + i + 1, self.model.cfg.max_seq_len))
+            for i, t in enumerate(req.loops_used)
+        ]
+        return Generation(
+            text=req.text if self.tokenizer is not None else None,
+            token_ids=list(req.generated),
+            loops=list(req.loops_used),
+            finish_reason=req.finish_reason or "length",
+            prompt_tokens=len(req.prompt_ids),
+            prefill_ms=req.prefill_ms,
+            decode_ms=req.decode_ms,
+            flops_per_token=sum(flops) / len(flops) if flops else 0.0,
+        )
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 — one engine per model, a few thousand (loops, length) keys
+    def _flops(self, loops: int, seq_len: int) -> float:
+        return self.model.flops_per_token(max(1, loops), seq_len)
+
+    # ------------------------------------------------------------------ the one-call API
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
+        *,
+        loops: int | Sequence[int] | None = None,
+        exit: str | ExitCriterion | None = None,
+        min_loops: int | None = None,
+        max_flops_per_token: float | None = None,
+        max_ms_per_token: float | None = None,
+        warm_start: bool | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        stop: Sequence[str] | None = None,
+        seed: int = 0,
+        on_token: Callable[[Request, str], None] | None = None,
+    ) -> Generation | list[Generation]:
+        """Generate for one prompt (text or token ids) or a list of them, batched; returns one Generation per
+        prompt. `loops` may be a list, one per prompt; the other arguments apply to all (None: [infer])."""
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], int)
+        )
+        if isinstance(prompts, torch.Tensor):
+            single, prompts = prompts.ndim == 1, prompts.tolist()
+            prompts = [prompts] if single else prompts
+        elif single:
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("no prompts given")
+        per_loops = list(loops) if isinstance(loops, Sequence) else [loops] * len(prompts)
+        if len(per_loops) != len(prompts):
+            raise ValueError(f"{len(per_loops)} loop counts for {len(prompts)} prompts")
+        params = self.sampling(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            stop=list(stop) if stop is not None else None,
+            seed=seed,
+        )
+        exit = exit if exit is not None else (None if self.infer.exit == "none" else self.infer.exit)
+        requests = [
+            self.submit(
+                p,
+                params,
+                Compute(
+                    loops=t,
+                    exit=exit,
+                    min_loops=min_loops if min_loops is not None else self.infer.min_loops,
+                    max_flops_per_token=max_flops_per_token,
+                    max_ms_per_token=max_ms_per_token,
+                    warm_start=self.infer.warm_start if warm_start is None else warm_start,
+                ),
+                on_token,
+            )
+            for p, t in zip(prompts, per_loops, strict=True)
+        ]
+        while any(not r.finished for r in requests):
+            self.step()
+        results = [self.result(r) for r in requests]
+        return results[0] if single else results
+
+
+def check_tokenizer(path: Path, tokenizer, vocab_size: int) -> None:
+    """Refuse a tokenizer.json that does not belong to the model: other vocabulary size or other file than
+    the one recorded at training time."""
+    import hashlib
+    import json
+
+    from looped.checkpoint import CheckpointError
+
+    if tokenizer.vocab_size != vocab_size:
+        raise CheckpointError(
+            f"{path}/tokenizer.json has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+            f"{vocab_size}: the tokenizer belongs to another model"
+        )
+    run = path / "run.json"
+    if run.is_file():
+        try:
+            recorded = json.loads(run.read_text()).get("tokenizer_sha256")
+        except ValueError:
+            recorded = None
+        if recorded:
+            actual = hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()
+            if actual != recorded:
+                raise CheckpointError(
+                    f"{path}/tokenizer.json is not the tokenizer this model was trained with "
+                    f"(sha256 {actual[:12]}…, run.json records {recorded[:12]}…)"
+                )

@@ -1,0 +1,27 @@
+"""A tiny trained checkpoint shared by the inference tests (trained once per session, in seconds)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import train_config, write_corpus
+
+from looped.data.prepare import prepare
+from looped.train.trainer import train
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A checkpoint directory (weights, config, tokenizer) of a small model trained at μ = 4 loops."""
+    root = tmp_path_factory.mktemp("trained")
+    prepare(write_corpus(root / "text"), root / "tokens", tokenizer="bytes", val_fraction=0.1, progress=False)
+    cfg = train_config(
+        root / "tokens",
+        root / "run",
+        model={"width": 64, "n_heads": 4, "loops": 4, "max_seq_len": 64},
+        loops={"mean_loops": 4.0, "backprop_loops": 2},
+        data={"seq_len": 64},
+        optim={"lr": 1e-2, "warmup_steps": 5},
+        train={"steps": 120, "global_batch": 8, "checkpoint_every": 1000},
+        eval={"every": 0, "loops": [4]},
+    )
+    return train(cfg).final
