@@ -135,17 +135,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="PNG", help="write loss against loops as a PNG")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("generate", help="continue a prompt at one or more loop counts")
+    p = sub.add_parser("generate", help="continue a prompt: fixed loops, adaptive exit or a latency budget")
     p.add_argument("checkpoint")
     p.add_argument("--prompt", required=True)
+    _compute_args(p)
+    p.add_argument("--max-new-tokens", type=_non_negative, default=None, help="default [infer] (128)")
+    p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default [infer]: 0.8)")
+    p.add_argument("--top-k", type=_positive, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument(
-        "--loops", type=_int_list, default=None, help="loop counts, e.g. 1,4,16 (default: the model's)"
+        "--stop", action="append", default=None, metavar="TEXT", help="stop before TEXT (repeatable)"
     )
-    p.add_argument("--max-new-tokens", type=_positive, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=_positive, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--show-loops", action="store_true", help="print the loops each token ran")
+    p.add_argument("--json", action="store_true", help="text, tokens, loops per token and timings as JSON")
+
+    p = sub.add_parser(
+        "chat", help="an interactive session with a checkpoint, streaming, loops shown per reply"
+    )
+    p.add_argument("checkpoint")
+    _compute_args(p)
+    p.add_argument("--max-new-tokens", type=_positive, default=128)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("calibrate", help="measure decode ms per token against loops; store the profile")
+    p.add_argument("checkpoint")
+    p.add_argument("--loops", type=_int_list, default=[1, 2, 4, 8, 16], help="default 1,2,4,8,16")
+    p.add_argument("--batch-sizes", type=_int_list, default=[1], help="default 1")
+    p.add_argument("--tokens", type=_positive, default=16, help="decode steps per measurement")
+    p.add_argument("--kv-cache", choices=["shared", "per-loop"], default=None)
+    p.add_argument("--out", default=None, help="profile file (default CHECKPOINT/calibration.json)")
+
+    p = sub.add_parser("export", help="export a checkpoint to another format")
+    exp = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    c = exp.add_parser("hf", help="a Hugging Face transformers folder (LoopedForCausalLM + tokenizer)")
+    c.add_argument("checkpoint")
+    c.add_argument("out")
+    c.add_argument("--loops", type=_positive, default=None, help="num_loops in the exported config")
     return parser
 
 
@@ -160,23 +188,59 @@ def _train(args: argparse.Namespace) -> None:
         print(result.summary())
 
 
+def _compute_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--loops",
+        type=_int_list,
+        default=None,
+        help="loop counts, e.g. 1,4,16 (one run each; with --exit, the most loops); default: the model's",
+    )
+    p.add_argument(
+        "--exit",
+        default=None,
+        help="adaptive exit per token, e.g. kl:1e-3, entropy:1e-2, state:1e-2, argmax:2",
+    )
+    p.add_argument("--min-loops", type=_positive, default=None, help="with --exit: no token stops earlier")
+    p.add_argument("--max-ms-per-token", type=float, default=None, help="pick loops to fit this latency")
+    p.add_argument("--max-flops-per-token", type=float, default=None, help="pick loops to fit these FLOPs")
+    p.add_argument("--warm-start", action="store_true", help="start each token from the last one's state")
+    p.add_argument("--kv-cache", choices=["shared", "per-loop"], default=None, help="default [infer]: shared")
+
+
+def _non_negative(text: str) -> int:
+    value = _positive(text) if text.strip() != "0" else 0
+    return value
+
+
 def _generate(args: argparse.Namespace) -> None:
     import json
 
-    from looped.checkpoint import load_config_dir
-    from looped.infer.sample import generate_text
+    from looped.infer.session import format_record, generate_records
 
-    loops = args.loops or [load_config_dir(args.checkpoint).model.loops]
-    records = generate_text(
-        args.checkpoint, args.prompt, loops, args.max_new_tokens, args.temperature, args.top_k, args.seed
+    records = generate_records(
+        args.checkpoint,
+        args.prompt,
+        args.loops or [None],
+        kv_cache=args.kv_cache,
+        exit=args.exit,
+        min_loops=args.min_loops,
+        max_ms_per_token=args.max_ms_per_token,
+        max_flops_per_token=args.max_flops_per_token,
+        warm_start=args.warm_start or None,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop,
+        seed=args.seed,
     )
     if args.json:
         print(json.dumps(records, indent=2))
         return
+    show = args.show_loops or args.exit is not None or args.max_ms_per_token is not None
     for r in records:
-        rate = r["tokens"] / r["seconds"] if r["seconds"] > 0 else 0.0
-        print(f"--- {r['loops']} loops ({r['tokens']} tokens, {rate:.0f} tokens/s)")
-        print(args.prompt + r["text"])
+        print(format_record(args.prompt, r, show))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -236,6 +300,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(result, indent=2) if args.json else format_eval(result))
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "chat":
+            from looped.infer.session import chat
+
+            if args.loops is not None and len(args.loops) > 1:
+                raise ValueError("looped chat takes one loop count")
+            chat(
+                args.checkpoint,
+                kv_cache=args.kv_cache,
+                loops=args.loops[0] if args.loops else None,
+                exit=args.exit,
+                max_ms_per_token=args.max_ms_per_token,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                seed=args.seed,
+            )
+        elif args.command == "calibrate":
+            from looped.infer.session import calibrate_checkpoint, format_profile
+
+            profile, path = calibrate_checkpoint(
+                args.checkpoint, args.loops, args.batch_sizes, args.tokens, args.kv_cache, args.out
+            )
+            print(format_profile(profile, path))
+        elif args.command == "export":
+            from looped.interop.hf import export_hf
+
+            print(f"wrote {export_hf(args.checkpoint, args.out, num_loops=args.loops)}")
     except (ConfigError, CheckpointError, ConversionError, DataError, TrainingError, ValueError) as e:
         print(f"looped {args.command}: error: {e}", file=sys.stderr)
         return 2

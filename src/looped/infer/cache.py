@@ -168,11 +168,21 @@ class CacheView:
         B = rows.shape[0]
         # Rows 0..B-1 in order (one request, or a full batch) read the cache through views, without copying.
         self.contiguous = bool(torch.equal(rows.cpu(), torch.arange(B)))
-        key_pos = torch.arange(self.span, device=slots.device)
-        visible = key_pos[None, None, :] <= slots[:, :, None]  # (B, P, S): causal over slots
-        if key_mask is not None:
-            visible = visible & key_mask[:, None, : self.span].to(torch.bool)
-        self.mask = visible[:, None].to(cache.device)  # (B, 1, P, S)
+        # The common cases need no mask tensor (SDPA is much faster without one on CPU): a fresh prompt
+        # batch is plain causal, and a decode step where every row has the same length sees every key.
+        self.causal, self.mask = False, None
+        P = slots.shape[1]
+        if key_mask is None and bool((slots[:, 0] == 0).all()):
+            self.causal = P > 1
+        elif key_mask is not None or P > 1 or bool((slots[:, 0] != self.span - 1).any()):
+            key_pos = torch.arange(self.span, device=slots.device)
+            visible = key_pos[None, None, :] <= slots[:, :, None]  # (B, P, S): causal over slots
+            if key_mask is not None:
+                # A padding query still sees its own key: a row with nothing visible gives NaN on some
+                # backends, and NaN times a zero weight would reach the real tokens.
+                own = key_pos[None, None, :] == slots[:, :, None]
+                visible = visible & (key_mask[:, None, : self.span].to(torch.bool) | own)
+            self.mask = visible[:, None].to(cache.device)  # (B, 1, P, S)
         self._r = rows.to(cache.device)[:, None]
         self._s = slots.to(cache.device)
 
@@ -180,9 +190,9 @@ class CacheView:
         """The same call restricted to batch entries `index` (rows still running the loop)."""
         view = object.__new__(CacheView)
         view.cache, view.rows, view.slots = self.cache, self.rows[index], self.slots[index]
-        view.span = self.span
+        view.span, view.causal = self.span, self.causal
         view.contiguous = False
-        view.mask = self.mask[index]
+        view.mask = None if self.mask is None else self.mask[index]
         view._r, view._s = self._r[index], self._s[index]
         return view
 
@@ -198,14 +208,18 @@ class LayerKV:
     def __init__(self, view: CacheView, kv: list[torch.Tensor]) -> None:
         self.view, self.kv = view, kv
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """k, v: (B, P, kv_heads, dim_head) → keys, values (B, kv_heads, S, dim_head) and mask (B, 1, P, S)."""
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """k, v: (B, P, kv_heads, dim_head) → keys, values (B, kv_heads, S, dim_head), the mask (B, 1, P, S)
+        or None, and whether attention is plain causal instead."""
         view = self.view
         K, V = self.kv
         K[view._r, :, view._s] = k.to(K.dtype)
         V[view._r, :, view._s] = v.to(V.dtype)
         if view.contiguous:
             n = view.rows.shape[0]
-            return K[:n, :, : view.span], V[:n, :, : view.span], view.mask
+            return K[:n, :, : view.span], V[:n, :, : view.span], view.mask, view.causal
         r = view._r[:, 0]
-        return K[:, :, : view.span].index_select(0, r), V[:, :, : view.span].index_select(0, r), view.mask
+        keys, values = K[:, :, : view.span].index_select(0, r), V[:, :, : view.span].index_select(0, r)
+        return keys, values, view.mask, view.causal

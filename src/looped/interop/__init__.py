@@ -1,1 +1,2 @@
-"""Interoperability with other looped-model code: Parcae checkpoint import (Hugging Face export comes later)."""
+"""Interoperability with other looped-model code: Parcae checkpoint import (parcae.py), Hugging Face
+transformers classes and export (hf.py)."""

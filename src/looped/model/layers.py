@@ -139,9 +139,14 @@ class Attention(nn.Module):
                 enable_gqa=self.n_kv != self.n_heads,
             )  # (B, H, S, hd)
         else:
-            keys, values, mask = kv.update(k, v)  # (B, n_kv, S_cache, hd) twice, (B, 1, S, S_cache)
+            keys, values, mask, causal = kv.update(k, v)  # (B, n_kv, S_cache, hd) ×2, (B, 1, S, S_cache)
             y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads
+                q.transpose(1, 2),
+                keys,
+                values,
+                attn_mask=mask,
+                is_causal=causal,
+                enable_gqa=self.n_kv != self.n_heads,
             )
         return self.wo(y.transpose(1, 2).reshape(B, S, self.n_heads * self.hd))
 

@@ -1,0 +1,197 @@
+"""What `looped generate`, `looped chat` and `looped calibrate` do with a checkpoint directory."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+from looped.infer.budget import Profile, calibrate
+from looped.infer.engine import Engine, Generation
+
+
+def generate_records(
+    checkpoint: str | Path,
+    prompt: str,
+    loops: list[int | None],
+    *,
+    kv_cache: str | None = None,
+    **kwargs,
+) -> list[dict]:
+    """Continue `prompt` once per entry of `loops` (None: the model's default or the budget's choice) with the
+    checkpoint's tokenizer; `kwargs` go to `Engine.generate`. One JSON-ready record per run."""
+    engine = Engine.from_checkpoint(checkpoint, kv_cache=kv_cache)
+    if engine.tokenizer is None:
+        raise ValueError(f"{checkpoint}: no tokenizer.json (checkpoints written by `looped train` carry one)")
+    records = []
+    for t in loops:
+        g = engine.generate(prompt, loops=t, **kwargs)
+        records.append(record(g, t, engine, kwargs.get("exit")))
+    return records
+
+
+def record(g: Generation, loops: int | None, engine: Engine, exit: str | None) -> dict:
+    d = g.to_dict()
+    d["loops_per_token"] = d.pop("loops")
+    return {
+        "loops": loops if loops is not None else (max(g.loops) if g.loops else None),
+        "exit": exit,
+        "kv_cache": engine.kv_cache,
+        "tokens": len(g.token_ids),
+        **d,
+    }
+
+
+def format_record(prompt: str, r: dict, show_loops: bool) -> str:
+    """A header line, the prompt and its continuation, and optionally the loops each token ran."""
+    head = f"--- {r['loops']} loops" + (f", exit {r['exit']}" if r["exit"] else "")
+    head += (
+        f" · {r['tokens']} tokens · {r['tokens_per_s']:.0f} tokens/s · mean loops {r['mean_loops']:.2f}"
+        f" · {r['flops_per_token'] / 1e6:.1f} MFLOPs/token"
+    )
+    lines = [head, prompt + (r["text"] or "")]
+    if show_loops:
+        lines.append("loops per token: " + " ".join(str(t) for t in r["loops_per_token"]))
+    return "\n".join(lines)
+
+
+def calibrate_checkpoint(
+    checkpoint: str | Path,
+    loops: list[int],
+    batch_sizes: list[int],
+    tokens: int = 16,
+    kv_cache: str | None = None,
+    out: str | Path | None = None,
+) -> tuple[Profile, Path]:
+    """Measure decode ms per step against loops for the checkpoint on this machine; store the profile in the
+    checkpoint directory (or `out`), where `Engine.from_checkpoint` finds it."""
+    engine = Engine.from_checkpoint(checkpoint, kv_cache=kv_cache)
+    cap = engine.infer.max_loops
+    if max(loops) > cap:
+        raise ValueError(f"loops must lie in [1, {cap}] (infer.max_loops), got {max(loops)}")
+    profile = calibrate(
+        engine.model, loops, batch_sizes, tokens=tokens, kv_cache=engine.kv_cache, progress=True
+    )
+    return profile, profile.save(out or checkpoint)
+
+
+def format_profile(profile: Profile, path: Path) -> str:
+    lines = [f"{'batch':>5} {'loops':>5} {'ms/step':>8} {'fit':>8}"]
+    for b, measured in profile.measured.items():
+        for t, ms in measured.items():
+            lines.append(f"{b:>5} {t:>5} {ms:>8.2f} {profile.predict(b, t):>8.2f}")
+    for b, (a, c) in profile.fit.items():
+        lines.append(f"batch {b}: ms per step ≈ {a:.2f} + {c:.2f}·loops")
+    lines.append(f"wrote {path}")
+    return "\n".join(lines)
+
+
+HELP = """commands: /loops N · /exit kl:1e-3 (or none) · /budget MS (or none) · /temperature X · /reset · /quit
+Each line you type is appended to the conversation and the model continues it."""
+
+
+def chat(
+    checkpoint: str | Path,
+    *,
+    kv_cache: str | None = None,
+    loops: int | None = None,
+    exit: str | None = None,
+    max_ms_per_token: float | None = None,
+    max_new_tokens: int = 128,
+    temperature: float | None = None,
+    stop: list[str] | None = None,
+    seed: int = 0,
+    read: Callable[[str], str] = input,
+    out: TextIO = sys.stdout,
+) -> None:
+    """An interactive session: each line is appended to the transcript and the model continues it, streaming;
+    after each reply, the loops per token. The transcript is cut from the left to fit the context."""
+    engine = Engine.from_checkpoint(checkpoint, kv_cache=kv_cache)
+    if engine.tokenizer is None:
+        raise ValueError(f"{checkpoint}: no tokenizer.json (checkpoints written by `looped train` carry one)")
+    settings = {
+        "loops": loops,
+        "exit": exit,
+        "max_ms_per_token": max_ms_per_token,
+        "temperature": temperature,
+    }
+    print(HELP, file=out)
+    transcript = ""
+    turn = 0
+    while True:
+        try:
+            line = read("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=out)
+            return
+        if line.startswith("/"):
+            if _command(line, settings, out):
+                return
+            if line.strip() == "/reset":
+                transcript = ""
+            continue
+        transcript += line + "\n"
+        ids = engine.tokenizer.encode(transcript)
+        room = engine.model.cfg.max_seq_len - max_new_tokens - 1
+        if room < 1:
+            raise ValueError(
+                f"max_new_tokens {max_new_tokens} leaves no room in a {room + max_new_tokens + 1}-token context"
+            )
+        ids = ids[-room:]
+
+        def stream(req, delta):
+            out.write(delta)
+            out.flush()
+
+        try:
+            g = engine.generate(
+                ids,
+                loops=settings["loops"],
+                exit=settings["exit"],
+                max_ms_per_token=settings["max_ms_per_token"],
+                temperature=settings["temperature"],
+                max_new_tokens=max_new_tokens,
+                stop=stop if stop is not None else ["\n\n"],
+                seed=seed + turn,
+                on_token=stream,
+            )
+        except ValueError as e:
+            print(f"error: {e}", file=out)
+            continue
+        turn += 1
+        text = engine.tokenizer.decode(g.token_ids) if g.text is None else g.text
+        transcript = engine.tokenizer.decode(ids) + text + "\n"
+        print(
+            f"\n[{len(g.token_ids)} tokens · {g.tokens_per_s:.0f} tokens/s · mean loops {g.mean_loops:.2f} · "
+            f"loops {' '.join(map(str, g.loops))}]",
+            file=out,
+        )
+
+
+def _command(line: str, settings: dict, out: TextIO) -> bool:
+    """Apply a /command; True means quit."""
+    name, _, value = line.strip().partition(" ")
+    value = value.strip()
+    try:
+        if name in ("/quit", "/exit-chat", "/q"):
+            return True
+        if name == "/loops":
+            settings["loops"] = None if value in ("", "none") else int(value)
+            settings["max_ms_per_token"] = None
+        elif name == "/exit":
+            settings["exit"] = None if value in ("", "none") else value
+        elif name == "/budget":
+            settings["max_ms_per_token"] = None if value in ("", "none") else float(value)
+            settings["loops"] = None
+        elif name == "/temperature":
+            settings["temperature"] = float(value)
+        elif name != "/reset":
+            print(HELP, file=out)
+            return False
+    except ValueError:
+        print(f"error: {line.strip()!r}: not a number", file=out)
+        return False
+    shown = ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None) or "defaults"
+    print(f"[{shown}]", file=out)
+    return False

@@ -1,0 +1,112 @@
+"""`looped generate`, `looped chat` and `looped calibrate` end to end on a trained checkpoint, and their errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import pytest
+
+from looped.cli import main
+from looped.infer.session import chat
+
+
+def one_line_error(capsys, argv: list[str], match: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_generate_json_gives_text_tokens_loops_and_timings(trained, capsys):
+    args = ["generate", str(trained), "--prompt", "the king", "--loops", "2,6", "--max-new-tokens", "10"]
+    assert main([*args, "--json", "--temperature", "0"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["loops"] for r in records] == [2, 6]
+    for r in records:
+        assert isinstance(r["text"], str) and r["tokens"] == len(r["token_ids"]) <= 10
+        assert r["loops_per_token"] == [r["loops"]] * len(r["loops_per_token"])
+        assert (
+            r["prefill_ms"] > 0 and r["decode_ms"] > 0 and r["tokens_per_s"] > 0 and r["flops_per_token"] > 0
+        )
+    assert main([*args, "--exit", "kl:1e-2", "--kv-cache", "per-loop", "--json"]) == 0
+    exits = json.loads(capsys.readouterr().out)
+    assert all(1 <= t <= 6 for t in exits[1]["loops_per_token"]) and exits[1]["exit"] == "kl:1e-2"
+    assert main([*args, "--exit", "kl:1e-2"]) == 0
+    out = capsys.readouterr().out
+    assert "exit kl:1e-2" in out and "loops per token: " in out and "the king" in out
+
+
+def test_generate_with_a_flop_budget(trained, capsys):
+    from looped.infer.engine import Engine
+
+    model = Engine.from_checkpoint(trained).model
+    budget = model.flops_per_token(3, 20) * 1.001
+    argv = ["generate", str(trained), "--prompt", "a dog", "--max-new-tokens", "8", "--json"]
+    assert main([*argv, "--max-flops-per-token", str(budget)]) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert set(record["loops_per_token"]) == {3}
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--prompt", ""], "the prompt is empty"),
+        (["--prompt", "x" * 80], "the model's context is 64 tokens"),
+        (["--prompt", "x", "--loops", "65"], "loops must lie in [1, 64]"),
+        (["--prompt", "x", "--exit", "halt:1"], "unknown exit criterion 'halt'"),
+        (["--prompt", "x", "--loops", "2", "--max-ms-per-token", "5"], "give one of"),
+    ],
+)
+def test_generate_bad_input_is_one_line(trained, capsys, extra, match):
+    one_line_error(capsys, ["generate", str(trained), *extra], match)
+
+
+def test_loops_zero_is_refused_by_the_parser(trained, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(trained), "--prompt", "x", "--loops", "0"])
+    assert e.value.code == 2 and "≥ 1" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_checkpoint_with_another_tokenizer(trained, tmp_path, capsys):
+    from looped.data.tokenizer import Tokenizer
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained, ckpt)
+    Tokenizer.train_bpe(["the cat sees the moon"] * 50, vocab_size=300).save(ckpt / "tokenizer.json")
+    one_line_error(capsys, ["generate", str(ckpt), "--prompt", "x"], "belongs to another model")
+
+
+def test_calibrate_writes_a_profile_the_engine_uses(trained, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained, ckpt)
+    assert main(["calibrate", str(ckpt), "--loops", "1,4", "--tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "ms per step" in out and (ckpt / "calibration.json").is_file()
+    profile = json.loads((ckpt / "calibration.json").read_text())
+    assert set(profile["measured"]["1"]) == {"1", "4"} and profile["machine"]["cpus"] >= 1
+    argv = [
+        "generate",
+        str(ckpt),
+        "--prompt",
+        "a",
+        "--max-new-tokens",
+        "4",
+        "--max-ms-per-token",
+        "1e6",
+        "--json",
+    ]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "measuring one now" not in captured.err  # the stored profile was used
+    assert json.loads(captured.out)[0]["loops_per_token"][-1] == 64  # a generous target allows the cap
+
+
+def test_chat_streams_replies_and_takes_commands(trained):
+    lines = iter(["the cat", "/loops 2", "/exit kl:1e-2", "a dog", "/quit"])
+    out = io.StringIO()
+    chat(trained, max_new_tokens=12, temperature=0, read=lambda prompt: next(lines), out=out)
+    text = out.getvalue()
+    assert text.count("tokens/s") == 2 and "loops=2" in text and "exit=kl:1e-2" in text
+    assert "mean loops 4.00" in text  # the first reply at the model's default of 4 loops
