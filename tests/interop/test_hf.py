@@ -327,3 +327,18 @@ def test_shared_cache_equals_per_loop_at_one_loop(exported, tokenizer):
     )
     many = model.generate(prompt, max_new_tokens=6, do_sample=False, num_loops=4)
     assert many.shape == one.shape
+
+
+def test_cli_export_hf(tmp_path, tokenizer, capsys):
+    from looped.cli import main
+
+    native, ckpt = make_checkpoint(tmp_path, tokenizer)
+    assert main(["export", "hf", str(ckpt), str(tmp_path / "out"), "--loops", "3"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert model.config.num_loops == 3
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, native(x, loops=3).logits, rtol=0, atol=1e-5)
+    assert main(["export", "hf", str(tmp_path / "missing"), str(tmp_path / "o2")]) == 2
+    assert "not a looped checkpoint" in capsys.readouterr().err
