@@ -183,6 +183,8 @@ class CacheView:
                 own = key_pos[None, None, :] == slots[:, :, None]
                 visible = visible & (key_mask[:, None, : self.span].to(torch.bool) | own)
             self.mask = visible[:, None].to(cache.device)  # (B, 1, P, S)
+        same = bool((slots == slots[:1]).all())
+        self.block = (int(slots[0, 0]), int(slots[0, -1]) + 1) if self.contiguous and same else None
         self._r = rows.to(cache.device)[:, None]
         self._s = slots.to(cache.device)
 
@@ -191,7 +193,7 @@ class CacheView:
         view = object.__new__(CacheView)
         view.cache, view.rows, view.slots = self.cache, self.rows[index], self.slots[index]
         view.span, view.causal = self.span, self.causal
-        view.contiguous = False
+        view.contiguous, view.block = False, None
         view.mask = None if self.mask is None else self.mask[index]
         view._r, view._s = self._r[index], self._s[index]
         return view
@@ -215,8 +217,13 @@ class LayerKV:
         or None, and whether attention is plain causal instead."""
         view = self.view
         K, V = self.kv
-        K[view._r, :, view._s] = k.to(K.dtype)
-        V[view._r, :, view._s] = v.to(V.dtype)
+        if view.block is not None:  # rows 0..B-1 all writing the same slots: a plain copy
+            n, (a, b) = view.rows.shape[0], view.block
+            K[:n, :, a:b].copy_(k.transpose(1, 2))
+            V[:n, :, a:b].copy_(v.transpose(1, 2))
+        else:
+            K[view._r, :, view._s] = k.to(K.dtype)
+            V[view._r, :, view._s] = v.to(V.dtype)
         if view.contiguous:
             n = view.rows.shape[0]
             return K[:n, :, : view.span], V[:n, :, : view.span], view.mask, view.causal

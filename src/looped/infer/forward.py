@@ -68,7 +68,8 @@ def forward_cached(
     slots = start[:, None] + torch.arange(P)  # (B, P)
     positions = slots.to(device) if positions is None else positions.to(device)
     view = cache.view(rows, slots, key_mask)
-    rope = model.rope[:, positions]  # (2, B, P, hd/2)
+    table = model.rope[:, positions].float()  # (2, B, P, hd/2)
+    rope = torch.complex(table[0], table[1])  # (B, P, hd/2): every layer rotates by the same angles
     ves = {int(i): emb(input_ids) for i, emb in model.value_embeds.items()}
     last = (lengths - 1).to(device)  # index of each row's last real token
 
@@ -156,7 +157,7 @@ def _iterate(
             sub, h_a, u_a, rope_a, ves_a = view, h, u, rope, ves
         else:
             sub, h_a = view.subset(idx), h[idx]
-            u_a, rope_a = model.injection.select(u, idx), rope[:, idx]
+            u_a, rope_a = model.injection.select(u, idx), rope[idx]
             ves_a = {i: v[idx] for i, v in ves.items()}
         h_a = model.injection.step(h_a, u_a)
         for i, block in enumerate(model.core):

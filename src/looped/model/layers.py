@@ -88,10 +88,14 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     backward, where real arithmetic on the pairs takes seven strided passes. On CPU it is the real
     arithmetic bit for bit wherever the product vectorises (hd/2 a multiple of 8: head_dim 16, 32, 64,
     128, ...); elsewhere it may differ in the last bit.
-    A table of shape (2, B, S, hd/2) gives each sequence its own positions (the KV-cached path).
+    A table of shape (2, B, S, hd/2) gives each sequence its own positions (the KV-cached path); a complex
+    table (S, hd/2) or (B, S, hd/2) is the rotation e^(iθ) itself.
     """
-    table = table.to(torch.promote_types(table.dtype, torch.float32))  # a model cast to bfloat16 casts it too
-    rotation = torch.complex(table[0], table[1])
+    if table.is_complex():  # the rotation itself, made once per forward pass by the KV-cached path
+        rotation = table
+    else:
+        table = table.to(torch.promote_types(table.dtype, torch.float32))  # a bfloat16 model casts it too
+        rotation = torch.complex(table[0], table[1])
     rotation = (
         rotation[None, :, None, :] if rotation.ndim == 2 else rotation[:, :, None, :]
     )  # (·, S, 1, hd/2)
