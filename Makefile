@@ -23,11 +23,13 @@ DATA := data/shakespeare
 RUN := runs/demo
 
 # The main job: prepare the bundled Shakespeare corpus, train the `demo` preset (resuming if it was
-# interrupted; a finished run is not retrained), then show what more loops buy.
+# interrupted; a finished run is not retrained), then show what more loops buy, and generate with a
+# fixed loop count and with adaptive exit (loops used per token printed).
 demo: $(STAMP) $(DATA)/manifest.json
 	$(BIN)/looped train --preset demo --resume
 	$(BIN)/looped eval $(RUN)/final --loops 1,2,3,4,6,8,12,16,24,32 --plot $(RUN)/loss_vs_loops.png
-	$(BIN)/looped generate $(RUN)/final --prompt "KING HENRY." --loops 1,4,16 --max-new-tokens 60
+	$(BIN)/looped generate $(RUN)/final --prompt "KING HENRY." --loops 1,4,16 --max-new-tokens 60 --show-loops
+	$(BIN)/looped generate $(RUN)/final --prompt "KING HENRY." --loops 16 --exit kl:1e-4 --max-new-tokens 60
 
 $(DATA)/manifest.json: $(STAMP)
 	$(BIN)/looped data prepare shakespeare $(DATA) --overwrite

@@ -252,3 +252,13 @@ def test_a_checkpoint_with_another_tokenizer_is_refused(trained, tmp_path):
 def test_model_generate_is_the_engine(model):
     out = model.generate(PROMPTS[0], loops=3, max_new_tokens=5, temperature=0, kv_cache="per-loop")
     assert out.token_ids == uncached_greedy(model, PROMPTS[0], 3, 5)
+
+
+def test_a_deep_request_does_not_leave_its_loops_behind(model):
+    engine = Engine(model, kv_cache="per-loop")
+    engine.generate(PROMPTS[0], loops=1, max_new_tokens=3, temperature=0)
+    shallow = engine.cache.nbytes()
+    deep = engine.generate(PROMPTS[0], loops=16, max_new_tokens=3, temperature=0)
+    assert engine.cache.nbytes() == shallow  # the idle engine gave the 16 loop groups back
+    again = engine.generate(PROMPTS[0], loops=16, max_new_tokens=3, temperature=0)
+    assert again.token_ids == deep.token_ids

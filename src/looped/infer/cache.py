@@ -114,8 +114,14 @@ class KVCache:
         self.lengths[row] = 0
 
     def reset(self) -> None:
+        """Forget every row; per-loop groups are dropped too, so one deep request does not leave later ones
+        copying entries into loops they never run (and the memory is given back)."""
         self.lengths.zero_()
         self.in_use = [False] * self.rows
+        if self.mode == "per-loop":
+            for key in [k for k in self.groups if k[0] == "core"]:
+                del self.groups[key]
+            self.loop_groups = 0
 
     # ------------------------------------------------------------------ copying loops forward
     def fill_later_loops(self, rows: torch.Tensor, slots: torch.Tensor, used: torch.Tensor) -> None:

@@ -51,8 +51,8 @@ class Generation:
     loops: list[int]  # loops each generated token ran
     finish_reason: str  # "stop": end-of-text or a stop string; "length": max_new_tokens or the context
     prompt_tokens: int
-    prefill_ms: float
-    decode_ms: float
+    prefill_ms: float  # wall time of the prefill this request took part in (shared with its batch)
+    decode_ms: float  # wall time of the decode steps it took part in (shared with its batch)
     flops_per_token: float  # forward FLOPs per generated token at the loops it ran, averaged
 
     @property
@@ -296,6 +296,8 @@ class Engine:
         for r in [r for r in self.running if r.finished]:
             self.cache.release(r.row)
             self.running.remove(r)
+        if not self.busy:
+            self.cache.reset()
         return touched
 
     def _loops_now(self, req: Request, batch: int) -> int:

@@ -50,7 +50,8 @@ def forward_cached(
         positions: (B, P) rotary positions; default the slots (Hugging Face left padding passes its own).
         key_mask: (B, S) False for cached keys never to attend (left padding); S ≥ the new cache length.
         all_logits: return logits at every position (B, P, V) instead of the last real one.
-        exit: an adaptive-exit criterion, checked after each loop from loop 2 on; needs P == 1.
+        exit: an adaptive-exit criterion, checked after each loop from loop 2 on (it compares two loops, so
+            the earliest exit is after 2 loops); needs P == 1.
         min_loops: no token exits before this many loops.
         warm_state: (B, D) start the loop from this state (the previous token's final state) instead of
             the initial state; needs P == 1.

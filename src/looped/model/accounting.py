@@ -4,7 +4,8 @@ Conventions (those of `torch.utils.flop_counter.FlopCounterMode`, which the test
 a matmul of (m×k)·(k×n) is 2mkn FLOPs; attention is counted dense, 4·S·n_heads·head_dim per token and
 layer for scores and values (causal masking is not discounted); norms, softmax and elementwise ops are
 not counted. Backward costs twice the forward of everything that carries gradients; loops run without
-gradients (before the last `backprop_loops`) cost their forward only.
+gradients (before the last `backprop_loops`) cost their forward only. On CPU, FlopCounterMode counts
+nothing for the flash-attention kernel: compare under `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`.
 """
 
 from __future__ import annotations

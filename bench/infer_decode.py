@@ -1,0 +1,451 @@
+"""Decode speed and KV-cache memory of the looped Engine against Hugging Face transformers' Llama.
+
+One run measures, on the same machine load:
+- the looped model: width 512, 8 heads, 2/2/2 layers, vocabulary 4096, ModelConfig's default MLP
+  (relu2 at 4·width), random init, float32, eval; `Engine(model, kv_cache=...).generate(prompts, loops=T,
+  max_new_tokens=N, temperature=0)` for kv_cache "shared" and "per-loop", loops 1, 4, 8, 16, batch 1 and 16
+  (16 prompts in one call);
+- the reference, `transformers.LlamaForCausalLM` with the same width and heads, a SwiGLU MLP whose hidden size
+  gives the same MLP parameters per layer, tied embeddings, and 2 + 2T + 2 layers: the number of blocks the
+  looped model runs per token at T loops, so FLOPs per token match (12 layers for T = 4);
+  `model.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False)` with its default DynamicCache
+  and attention (sdpa).
+Prompts are 32 random tokens. Every configuration gets one untimed call, then one timed call per round,
+all configurations in each round so that drift hits every row alike; the table shows medians over rounds.
+tokens/s is generated tokens / wall time of the whole generate call; decode tokens/s leaves out the
+prefill (looped: the Engine's prefill_ms and decode_ms; Llama: the time of a 1-token call subtracted).
+
+FLOPs per token are forward matmul FLOPs with attention counted dense (`looped.model.accounting`'s
+convention), averaged over the generated tokens' context lengths 33..32+N; the Llama figure is computed here
+as 2·(layers·(4·d² + 3·d·hidden) + d·vocab) + layers·4·context·d, and both formulas are checked against
+torch's FlopCounterMode on one forward pass. KV bytes per token: looped from
+`model.kv_cache_bytes_per_token` (checked against a filled `KVCache.used_bytes()`), Llama
+2·layers·kv_heads·head_dim·4 (checked against the DynamicCache generate returns).
+
+    .venv/bin/python bench/infer_decode.py                    # 64 new tokens, 3 rounds: ~8 minutes on 2 cores
+    .venv/bin/python bench/infer_decode.py --quick            # 16 new tokens, 1 round: ~2 minutes
+    .venv/bin/python bench/infer_decode.py --threads 1 --json out.json   # when other jobs share the cores
+
+Both systems run with the same torch thread count (default: torch's). On a machine whose cores are busy with
+other work, threads that wait for each other at every small op make both 10-100× slower and the ratios
+noise; the table says how many CPUs other processes kept busy, and --threads 1 avoids the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import looped
+from looped import LoopedLM, ModelConfig
+from looped.infer.cache import KVCache
+from looped.infer.engine import Engine
+from looped.infer.forward import forward_cached
+
+MODEL = dict(
+    width=512, n_heads=8, prelude_layers=2, core_layers=2, coda_layers=2, vocab_size=4096, max_seq_len=1024
+)
+PROMPT = 32
+LOOPS = (1, 4, 8, 16)
+BATCHES = (1, 16)
+MODES = ("shared", "per-loop")
+MATCH_LOOPS = 4  # the loops of the key comparison (a)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU-seconds used by every process on the machine, by this one) so far; the first is NaN off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        everyone = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    except OSError:
+        everyone = float("nan")
+    own = os.times()
+    return everyone, own.user + own.system
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------------------------- models
+def llama(cfg: ModelConfig, layers: int):
+    """A LlamaForCausalLM as wide as `cfg`, SwiGLU sized to the same MLP parameters per layer, `layers` deep."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    mlp_params = (3 if cfg.mlp == "swiglu" else 2) * cfg.width * cfg.hidden
+    hc = LlamaConfig(
+        hidden_size=cfg.width,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.dim_head,
+        intermediate_size=round(mlp_params / (3 * cfg.width)),
+        num_hidden_layers=layers,
+        vocab_size=cfg.vocab_size,
+        tie_word_embeddings=True,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_theta=cfg.rope_base,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(hc).eval()
+
+
+def llama_flops_per_token(hc, seq_len: int) -> float:
+    """Forward matmul FLOPs per token of a Llama at context `seq_len`, attention dense (accounting's rule)."""
+    d, n, hd, kv = hc.hidden_size, hc.num_attention_heads, hc.head_dim, hc.num_key_value_heads
+    layer = d * n * hd * 2 + d * kv * hd * 2 + 3 * d * hc.intermediate_size  # q, o; k, v; gate, up, down
+    return float(
+        2 * (hc.num_hidden_layers * layer + d * hc.vocab_size) + hc.num_hidden_layers * 4 * seq_len * n * hd
+    )
+
+
+def mean_over_context(flops, new_tokens: int) -> float:
+    """`flops(seq_len)` averaged over the generated tokens' contexts, as `Generation.flops_per_token` does."""
+    return statistics.fmean(flops(PROMPT + i + 1) for i in range(new_tokens))
+
+
+def flop_counter(fn) -> int:
+    # The MATH backend runs attention as bmm, which FlopCounterMode counts (the CPU flash kernel it does not).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def check_flops(model: LoopedLM, hf) -> dict:
+    """Formula ÷ FlopCounterMode for one uncached forward of 96 tokens (dense attention: per token 4·S·h·hd)."""
+    S = 96
+    ids = torch.randint(0, model.cfg.vocab_size, (1, S))
+    ours = flop_counter(lambda: model(ids, loops=MATCH_LOOPS)) / S
+    ref = flop_counter(lambda: hf(ids)) / S
+    return dict(
+        looped=model.flops_per_token(MATCH_LOOPS, S) / ours, llama=llama_flops_per_token(hf.config, S) / ref
+    )
+
+
+def kv_bytes_looped(model: LoopedLM, loops: int, mode: str, tokens: int) -> dict:
+    """KV bytes per token by formula, and measured: a KVCache filled with `tokens` tokens at `loops`."""
+    cache = KVCache(model.cfg, mode, rows=1, slots=tokens)
+    forward_cached(model, cache, torch.randint(0, model.cfg.vocab_size, (1, tokens)), loops=loops)
+    formula = model.kv_cache_bytes_per_token(loops, torch.float32, shared=mode == "shared")
+    return dict(formula=formula, measured=cache.used_bytes() / tokens)
+
+
+def kv_bytes_llama(hf, prompts: torch.Tensor) -> dict:
+    """KV bytes per token by formula, and measured in the DynamicCache of a 4-token generate."""
+    hc = hf.config
+    formula = 2 * hc.num_hidden_layers * hc.num_key_value_heads * hc.head_dim * 4
+    out = hf.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=4,
+        min_new_tokens=4,
+        do_sample=False,
+        return_dict_in_generate=True,
+    )
+    cache = getattr(out, "cache", None) or out.past_key_values
+    nbytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    tokens = prompts.shape[0] * cache.get_seq_length()
+    return dict(formula=formula, measured=nbytes / tokens)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+class LoopedRow:
+    """One looped configuration: an Engine of its own (per-loop caches keep the loop groups they grew)."""
+
+    def __init__(self, model: LoopedLM, mode: str, loops: int, prompts: list[list[int]], new: int) -> None:
+        self.system, self.mode, self.depth, self.batch = "looped", mode, loops, len(prompts)
+        self.engine = Engine(model, kv_cache=mode)
+        self.prompts, self.new = prompts, new
+        self.times: list[float] = []
+        self.decode_rates: list[float] = []
+        self.flops = 0.0
+
+    def run(self, timed: bool) -> None:
+        t = time.perf_counter()
+        out = self.engine.generate(self.prompts, loops=self.depth, max_new_tokens=self.new, temperature=0)
+        seconds = time.perf_counter() - t
+        assert all(len(g.token_ids) == self.new for g in out), "a sequence stopped early"
+        self.flops = out[0].flops_per_token
+        if timed:
+            self.times.append(seconds)
+            self.decode_rates.append(self.batch * (self.new - 1) / (out[0].decode_ms / 1000))
+
+
+class LlamaRow:
+    """One Llama configuration; a 1-token call per round estimates the prefill to leave out."""
+
+    def __init__(self, hf, prompts: torch.Tensor, new: int) -> None:
+        self.system, self.mode, self.depth, self.batch = (
+            "HF Llama",
+            "dynamic",
+            hf.config.num_hidden_layers,
+            len(prompts),
+        )
+        self.hf, self.prompts, self.new = hf, prompts, new
+        self.times: list[float] = []
+        self.prefill: list[float] = []
+        self.decode_rates: list[float] = []
+        self.flops = mean_over_context(lambda s: llama_flops_per_token(hf.config, s), new)
+
+    def _generate(self, new: int) -> float:
+        t = time.perf_counter()
+        out = self.hf.generate(
+            self.prompts,
+            attention_mask=torch.ones_like(self.prompts),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+        )
+        seconds = time.perf_counter() - t
+        assert out.shape[1] == self.prompts.shape[1] + new
+        return seconds
+
+    def run(self, timed: bool) -> None:
+        seconds, prefill = self._generate(self.new), self._generate(1)
+        if timed:
+            self.times.append(seconds)
+            self.prefill.append(prefill)
+            self.decode_rates.append(self.batch * (self.new - 1) / max(seconds - prefill, 1e-9))
+
+
+def measure(args: argparse.Namespace) -> dict:
+    cfg = ModelConfig(**MODEL)
+    torch.manual_seed(0)
+    model = LoopedLM(cfg).eval()
+    new, rounds = (16, 1) if args.quick else (args.new_tokens, args.rounds)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, cfg.vocab_size, (max(BATCHES), PROMPT), generator=gen)
+    # The FLOP-matched standard depth at T loops, from the library's own matching (2 + 2T + 2 here).
+    match = {
+        t: looped.baseline(cfg, match="flops", loops=t, seq_len=PROMPT + new).n_layers for t in args.loops
+    }
+    log(f"building Llama references with {sorted(set(match.values()))} layers")
+    hfs = {n: llama(cfg, n) for n in sorted(set(match.values()))}
+    flops_check = check_flops(
+        model, hfs[match[MATCH_LOOPS]] if MATCH_LOOPS in match else next(iter(hfs.values()))
+    )
+    rows: list[LoopedRow | LlamaRow] = []
+    for b in BATCHES:
+        for hf in hfs.values():
+            rows.append(LlamaRow(hf, prompts[:b], new))
+        for mode in MODES:
+            for t in args.loops:
+                rows.append(LoopedRow(model, mode, t, prompts[:b].tolist(), new))
+
+    tokens = PROMPT + new
+    kv = {(m, t): kv_bytes_looped(model, t, m, tokens) for m in MODES for t in args.loops}
+    with torch.inference_mode():
+        kv_hf = {n: kv_bytes_llama(hf, prompts[:1]) for n, hf in hfs.items()}
+        for i, row in enumerate(rows):
+            log(f"warm-up {i + 1}/{len(rows)}: {row.system} {row.mode} {row.depth} batch {row.batch}")
+            row.run(timed=False)
+        (everyone0, own0), wall0 = cpu_seconds(), time.perf_counter()
+        for r in range(rounds):
+            for i, row in enumerate(rows):
+                log(
+                    f"round {r + 1}/{rounds}, {i + 1}/{len(rows)}: {row.system} {row.mode} {row.depth} batch {row.batch}"
+                )
+                row.run(timed=True)
+        (everyone1, own1), wall1 = cpu_seconds(), time.perf_counter()
+
+    results = []
+    for row in rows:
+        tokens_per_s = row.batch * new / statistics.median(row.times)
+        looped_row = isinstance(row, LoopedRow)
+        kv_bytes = kv[(row.mode, row.depth)]["measured"] if looped_row else kv_hf[row.depth]["measured"]
+        layers = (
+            cfg.prelude_layers + cfg.core_layers * row.depth + cfg.coda_layers if looped_row else row.depth
+        )
+        results.append(
+            dict(
+                system=row.system,
+                kv_cache=row.mode,
+                loops=row.depth if looped_row else None,
+                layers=layers,
+                batch=row.batch,
+                flops_per_token=row.flops,
+                tokens_per_s=tokens_per_s,
+                decode_tokens_per_s=statistics.median(row.decode_rates),
+                kv_bytes_per_token=kv_bytes,
+                seconds=row.times,
+            )
+        )
+    for r in results:
+        ref = next(
+            (
+                x
+                for x in results
+                if x["system"] == "HF Llama"
+                and x["batch"] == r["batch"]
+                and r["loops"] is not None
+                and x["layers"] == match.get(r["loops"])
+            ),
+            None,
+        )
+        r["vs_hf"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+        r["flops_vs_hf"] = r["flops_per_token"] / ref["flops_per_token"] if ref else None
+    background = max(0.0, ((everyone1 - everyone0) - (own1 - own0)) / (wall1 - wall0))
+    return dict(
+        new_tokens=new,
+        rounds=rounds,
+        llama_hidden=next(iter(hfs.values())).config.intermediate_size,
+        match=match,
+        flops_check=flops_check,
+        kv_check={f"{m} T={t}": v for (m, t), v in kv.items()} | {f"llama {n}": v for n, v in kv_hf.items()},
+        background_cpus=background,
+        rows=results,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- report
+def targets(r: dict) -> list[tuple[str, bool | None, str]]:
+    out = []
+    for mode in MODES:
+        row = next(
+            (
+                x
+                for x in r["rows"]
+                if x["system"] == "looped"
+                and x["kv_cache"] == mode
+                and x["loops"] == MATCH_LOOPS
+                and x["batch"] == 1
+            ),
+            None,
+        )
+        if row is None or row["vs_hf"] is None:
+            out.append((f"(a) {mode}: ≥ 3× HF tokens/s at batch 1, equal FLOPs", None, "not measured"))
+            continue
+        out.append(
+            (
+                f"(a) {mode}: ≥ 3× HF tokens/s at batch 1, equal FLOPs (T={MATCH_LOOPS} vs "
+                f"{r['match'][MATCH_LOOPS]} layers)",
+                row["vs_hf"] >= 3,
+                f"{row['vs_hf']:.2f}×",
+            )
+        )
+    kv = r["kv_check"]
+    lo, hi = kv.get("shared T=1"), kv.get("shared T=16")
+    if lo and hi:
+        ratio = hi["measured"] / lo["measured"]
+        out.append(("(b) shared KV bytes at 16 loops ≤ 1.1× those at 1 loop", ratio <= 1.1, f"{ratio:.2f}×"))
+    else:
+        out.append(
+            ("(b) shared KV bytes at 16 loops ≤ 1.1× those at 1 loop", None, "loops 1 and 16 not both run")
+        )
+    return out
+
+
+def print_table(r: dict) -> None:
+    print(
+        f"{r['date']}  {r['machine']}, {r['cpus']} CPUs, {r['threads']} threads, torch {r['torch']}, "
+        f"transformers {r['transformers']}, float32"
+    )
+    m = r["model"]
+    print(
+        f"looped: width {m['width']}, {m['n_heads']} heads, {m['prelude_layers']}/{m['core_layers']}/"
+        f"{m['coda_layers']} layers, mlp {m['mlp']} (hidden {m['hidden']}), vocab {m['vocab_size']}; "
+        f"Llama: same width and heads, SwiGLU hidden {r['llama_hidden']}, tied embeddings"
+    )
+    print(
+        f"prompts {PROMPT} random tokens, {r['new_tokens']} new tokens, greedy; median of {r['rounds']} "
+        f"round(s) after one warm-up; FLOPs/token averaged over contexts {PROMPT + 1}..{PROMPT + r['new_tokens']}"
+    )
+    fc = r["flops_check"]
+    print(
+        f"FLOPs formula ÷ FlopCounterMode (one forward, 96 tokens): looped {fc['looped']:.4f}, "
+        f"Llama {fc['llama']:.4f}\n"
+    )
+    head = (
+        f"{'system':<9} {'kv_cache':<8} {'loops':>5} {'layers':>6} {'batch':>5} {'FLOPs/token':>11} "
+        f"{'tokens/s':>8} {'decode/s':>8} {'vs HF':>6} {'KV B/token':>10}"
+    )
+    print(head + "\n" + "-" * len(head))
+    for x in r["rows"]:
+        loops = "-" if x["loops"] is None else str(x["loops"])
+        vs = "-" if x["vs_hf"] is None else f"{x['vs_hf']:.2f}×"
+        print(
+            f"{x['system']:<9} {x['kv_cache']:<8} {loops:>5} {x['layers']:>6} {x['batch']:>5} "
+            f"{x['flops_per_token'] / 1e6:10.1f}M {x['tokens_per_s']:8.1f} {x['decode_tokens_per_s']:8.1f} "
+            f"{vs:>6} {x['kv_bytes_per_token']:10.0f}"
+        )
+    print(
+        "\nvs HF: tokens/s over the FLOP-matched Llama's (2 + 2T + 2 layers) at the same batch; "
+        "FLOPs ratio looped/Llama: "
+        + ", ".join(
+            f"T={x['loops']} {x['flops_vs_hf']:.3f}"
+            for x in r["rows"]
+            if x["system"] == "looped" and x["batch"] == 1 and x["kv_cache"] == "shared" and x["flops_vs_hf"]
+        )
+    )
+    bad = [k for k, v in r["kv_check"].items() if abs(v["measured"] - v["formula"]) > 0.5]
+    print(
+        "KV bytes/token: measured in filled caches; "
+        + (
+            "equal to the formulas everywhere"
+            if not bad
+            else f"DIFFERS from the formula for {', '.join(bad)}"
+        )
+    )
+    print()
+    for name, ok, value in targets(r):
+        verdict = "n/a " if ok is None else ("PASS" if ok else "FAIL")
+        print(f"[{verdict}] {name}: {value}")
+    if r["background_cpus"] > 0.1:
+        print(
+            f"\nnote: other processes kept {r['background_cpus']:.1f} CPUs busy while this timed: rerun when quiet"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="16 new tokens and one round, for a smoke run")
+    p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds (the table shows medians)")
+    p.add_argument("--loops", type=lambda s: [int(v) for v in s.split(",")], default=list(LOOPS))
+    p.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's)"
+    )
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    cfg = ModelConfig(**MODEL)
+    report = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        machine=cpu_name(),
+        cpus=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        model=dict(MODEL, mlp=cfg.mlp, hidden=cfg.hidden),
+        **measure(args),
+    )
+    print_table(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        log(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
