@@ -37,13 +37,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import cpu_name, cpu_seconds, log  # bench/common.py: bench/ is on sys.path when a script runs
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -61,30 +60,6 @@ LOOPS = (1, 4, 8, 16)
 BATCHES = (1, 16)
 MODES = ("shared", "per-loop")
 MATCH_LOOPS = 4  # the loops of the key comparison (a)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def cpu_seconds() -> tuple[float, float]:
-    """(CPU-seconds used by every process on the machine, by this one) so far; the first is NaN off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-        everyone = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-    except OSError:
-        everyone = float("nan")
-    own = os.times()
-    return everyone, own.user + own.system
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------- models

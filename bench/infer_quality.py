@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import log  # bench/common.py: bench/ is on sys.path when a script runs
 
 import looped
 from looped.checkpoint import load_config_dir
@@ -48,10 +48,6 @@ EXITS = ("kl:1e-4", "kl:3e-4", "kl:1e-3", "kl:3e-3", "entropy:1e-3", "entropy:1e
 EXITS += ("state:1e-3", "state:1e-2", "state:3e-2", "argmax:2", "argmax:3")
 QUICK_EXITS = ("kl:1e-3", "entropy:1e-2", "state:1e-2", "argmax:2")
 CUT, AGREE = 0.30, 0.99  # the target: mean loops cut by ≥ 30 % with ≥ 99 % token agreement
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def teacher_forced(

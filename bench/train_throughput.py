@@ -21,13 +21,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+from common import cpu_name, cpu_seconds  # bench/common.py: bench/ is on sys.path when a script runs
 
 import looped
 from looped import LoopedLM, ModelConfig
@@ -88,18 +88,6 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t
-
-
-def cpu_seconds() -> tuple[float, float]:
-    """(CPU-seconds used by every process on the machine, by this one) so far; the first is NaN off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-        everyone = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-    except OSError:
-        everyone = float("nan")
-    own = os.times()
-    return everyone, own.user + own.system
 
 
 def throughput(setting: dict, steps: int, warmup: int) -> dict:
@@ -173,14 +161,6 @@ def memory(args: argparse.Namespace, mean_loops: int) -> dict:
     cmd = [sys.executable, __file__, "--memory-child", str(mean_loops), "--threads", str(args.threads)]
     out = subprocess.run(cmd + ["--quick"] * args.quick, check=True, capture_output=True, text=True).stdout
     return json.loads(out.splitlines()[-1])
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def print_table(r: dict) -> None:

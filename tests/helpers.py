@@ -24,6 +24,18 @@ def fixture_dir(name: str) -> Path:
     return path
 
 
+def require_optional(module: str, extra: str):
+    """Import an optional dependency, or skip the calling test module with the reason (fail instead when
+    LOOPED_REQUIRE_HF=1, as .ci/run sets)."""
+    try:
+        return __import__(module)
+    except ImportError as e:
+        message = f"{module} is not installed (pip install -e '.[{extra}]'): {e}"
+        if os.environ.get("LOOPED_REQUIRE_HF") == "1":
+            pytest.fail(message + "; LOOPED_REQUIRE_HF=1 makes this a failure", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
+
+
 def tiny(**overrides) -> ModelConfig:
     """A small looped config whose every part is active (value embeddings, readout, prelude norm)."""
     base = dict(

@@ -4,32 +4,19 @@ left-padded batches) gives a plain greedy loop's tokens, and a bad checkpoint is
 from __future__ import annotations
 
 import json
-import os
 import runpy
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomize_, tiny
+from helpers import randomize_, require_optional, tiny
 
 import looped
 from looped.checkpoint import CheckpointError, state_dict_for_save
 from looped.data.tokenizer import Tokenizer
 
-
-def _require(module: str):
-    """Import an optional dependency, or skip the module (fail when LOOPED_REQUIRE_HF=1, as CI sets)."""
-    try:
-        return __import__(module)
-    except ImportError as e:
-        message = f"{module} is not installed (pip install -e '.[hf]'): {e}"
-        if os.environ.get("LOOPED_REQUIRE_HF") == "1":
-            pytest.fail(message + "; LOOPED_REQUIRE_HF=1 makes this a failure", pytrace=False)
-        pytest.skip(message, allow_module_level=True)
-
-
-_require("transformers")
+require_optional("transformers", "hf")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from looped.interop.hf import LoopedCache, LoopedForCausalLM, LoopedHFConfig, export_hf  # noqa: E402

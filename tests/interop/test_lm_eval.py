@@ -4,29 +4,16 @@ log-likelihood of every choice is the native model's at the num_loops passed in 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-from helpers import randomize_, tiny
+from helpers import randomize_, require_optional, tiny
 
 import looped
 from looped.data.tokenizer import Tokenizer
 
-
-def _require(module: str):
-    """Import an optional dependency, or skip the module (fail when LOOPED_REQUIRE_HF=1, as CI sets)."""
-    try:
-        return __import__(module)
-    except ImportError as e:
-        message = f"{module} is not installed (pip install -e '.[eval]'): {e}"
-        if os.environ.get("LOOPED_REQUIRE_HF") == "1":
-            pytest.fail(message + "; LOOPED_REQUIRE_HF=1 makes this a failure", pytrace=False)
-        pytest.skip(message, allow_module_level=True)
-
-
-_require("transformers")
-_require("lm_eval")
+require_optional("transformers", "eval")
+require_optional("lm_eval", "eval")
 from looped.interop.hf import export_hf  # noqa: E402
 
 TASK = "looped_tiny_mc"
