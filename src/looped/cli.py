@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in train.out from its newest checkpoint"
     )
 
-    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint against loop counts")
+    p = sub.add_parser(
+        "eval", help="validation loss, perplexity and bits per byte against loops (and adaptive exit)"
+    )
     p.add_argument("checkpoint")
     p.add_argument("--loops", type=_int_list, default=[1, 2, 4, 8, 16, 32], help="default 1,2,4,8,16,32")
     p.add_argument(
@@ -133,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=_positive, default=None, help="validation sequences to use")
     p.add_argument("--batch-size", type=_positive, default=None)
     p.add_argument("--plot", default=None, metavar="PNG", help="write loss against loops as a PNG")
+    p.add_argument(
+        "--exit",
+        default=None,
+        help="also evaluate adaptive exit (e.g. kl:1e-3) with each loop count as the most",
+    )
+    p.add_argument("--min-loops", type=_positive, default=1, help="with --exit: no token stops earlier")
+    p.add_argument("--kv-cache", choices=["shared", "per-loop"], default="shared", help="with --exit")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("generate", help="continue a prompt: fixed loops, adaptive exit or a latency budget")
@@ -295,7 +304,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from looped.science.evaluate import evaluate_checkpoint, format_eval
 
             result = evaluate_checkpoint(
-                args.checkpoint, args.loops, args.data, args.max_windows, args.batch_size, args.plot
+                args.checkpoint,
+                args.loops,
+                args.data,
+                args.max_windows,
+                args.batch_size,
+                args.plot,
+                exit=args.exit,
+                kv_cache=args.kv_cache,
+                min_loops=args.min_loops,
             )
             print(json.dumps(result, indent=2) if args.json else format_eval(result))
         elif args.command == "generate":

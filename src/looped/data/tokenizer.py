@@ -144,6 +144,16 @@ class Tokenizer:
             return bytes(ids).decode("utf-8", errors="replace")
         return self.hf.decode(ids, skip_special_tokens=False)
 
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for, (vocab_size,) int64; special tokens count 0 (bits per byte)."""
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        symbols = {ch: 1 for ch in byte_symbols()}
+        special = {t.content for t in self.hf.get_added_tokens_decoder().values()}
+        for token, i in self.hf.get_vocab(with_added_tokens=True).items():
+            if token not in special:
+                out[i] = sum(symbols.get(ch, 0) for ch in token)
+        return out
+
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_loss_vs_loops(curves: dict[str, dict[int, float]], path: str | Path, title: str = "") -> Path:
+def plot_loss_vs_loops(curves: dict[str, dict[float, float]], path: str | Path, title: str = "") -> Path:
     """Validation loss against loop count (log₂ axis), one line per labelled curve."""
     import matplotlib
 

@@ -1,4 +1,4 @@
-"""A tiny trained checkpoint shared by the inference tests (trained once per session, in seconds)."""
+"""Fixtures shared across test folders: a tiny trained checkpoint (trained once per session, in seconds)."""
 
 from __future__ import annotations
 
