@@ -177,6 +177,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache", choices=["shared", "per-loop"], default=None)
     p.add_argument("--out", default=None, help="profile file (default CHECKPOINT/calibration.json)")
 
+    p = sub.add_parser("compare", help="a looped model against its parameter- and FLOP-matched baselines")
+    _model_source(p)
+    p.add_argument("--budget", required=True, help="tokens=N or flops=F per run (e.g. tokens=2e6)")
+    p.add_argument("--seeds", type=_positive, default=3, help="seeds per model at its best learning rate")
+    p.add_argument(
+        "--lrs", default=None, help="learning rates to try, e.g. 1e-3,3e-3,1e-2 (default optim.lr ×⅓, ×1, ×3)"
+    )
+    p.add_argument("--loops", type=_int_list, default=None, help="loop counts to evaluate (default 1,2,μ,2μ)")
+    p.add_argument("--eval-windows", type=_positive, default=64)
+    p.add_argument("--parallel", type=_positive, default=1, help="runs at once")
+    p.add_argument("--out", default=None, help="output directory (default: train.out + '-compare')")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("sweep", help="train a grid of runs (resumable) into results.jsonl for `looped fit`")
+    p.add_argument("grid", help="GRID.toml: [sweep] settings and a [grid] of 'section.key' = [values]")
+    p.add_argument(
+        "--commands",
+        choices=["torchrun", "slurm"],
+        default=None,
+        help="write the commands for torchrun or a Slurm array instead of running here",
+    )
+
     p = sub.add_parser("export", help="export a checkpoint to another format")
     exp = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
     c = exp.add_parser("hf", help="a Hugging Face transformers folder (LoopedForCausalLM + tokenizer)")
@@ -342,6 +364,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.checkpoint, args.loops, args.batch_sizes, args.tokens, args.kv_cache, args.out
             )
             print(format_profile(profile, path))
+        elif args.command == "compare":
+            import json
+
+            from looped.science.compare import compare, format_compare
+
+            if args.checkpoint is not None:
+                raise ValueError("looped compare takes --preset/--config/--set, not a checkpoint directory")
+            try:
+                lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else None
+            except ValueError:
+                raise ValueError(f"--lrs must be comma-separated numbers, got {args.lrs!r}") from None
+            summary = compare(
+                args.files,
+                args.set,
+                args.budget,
+                seeds=args.seeds,
+                lrs=lrs,
+                eval_loops=args.loops,
+                eval_windows=args.eval_windows,
+                out=args.out,
+                parallel=args.parallel,
+            )
+            print(json.dumps(summary, indent=1) if args.json else format_compare(summary))
+        elif args.command == "sweep":
+            from looped.science.sweep import run_sweep
+
+            path = run_sweep(args.grid, commands=args.commands)
+            print(f"wrote {path}")
         elif args.command == "export":
             from looped.interop.hf import export_hf
 

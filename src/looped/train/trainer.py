@@ -41,6 +41,7 @@ class TrainResult:
     steps: int
     tokens: int
     seconds: float
+    flops: float = 0.0  # training FLOPs (model.flops_per_token(training=True) at each sequence's drawn depth)
     eval: dict[int, float] = field(default_factory=dict)  # validation loss by loop count, at the end
     skipped: int = 0
     rollbacks: int = 0
@@ -225,7 +226,15 @@ def _train(cfg: Config, d: Dist, resume: bool) -> TrainResult:
     )
     tokenizer_file = Path(cfg.data.path) / "tokenizer.json"
 
-    state = {"step": 0, "tokens": 0, "lr_scale": 1.0, "rollbacks": 0, "skipped": 0, "seconds": 0.0}
+    state = {
+        "step": 0,
+        "tokens": 0,
+        "flops": 0.0,
+        "lr_scale": 1.0,
+        "rollbacks": 0,
+        "skipped": 0,
+        "seconds": 0.0,
+    }
     if resume_from is not None:
         state.update(_restore(resume_from, net, opts, loader, cfg))
         log = _Log(run_dir, state["step"], d, tc.tensorboard)
@@ -316,7 +325,9 @@ def _train(cfg: Config, d: Dist, resume: bool) -> TrainResult:
             for t in depths.tolist():
                 if t not in fpt_cache:
                     fpt_cache[t] = flops_per_token(cfg.model, t, seq, training=True, backprop_loops=k)
-            window["flops"] += sum(fpt_cache[t] for t in depths.tolist()) * seq
+            step_flops = sum(fpt_cache[t] for t in depths.tolist()) * seq
+            window["flops"] += step_flops
+            state["flops"] += step_flops
             window["tokens"] += tc.global_batch * seq
             window["seconds"] += dt
             tok_s = window["tokens"] / window["seconds"]
@@ -386,6 +397,7 @@ def _train(cfg: Config, d: Dist, resume: bool) -> TrainResult:
         run_dir=run_dir,
         steps=state["step"],
         tokens=state["tokens"],
+        flops=state["flops"],
         seconds=state["seconds"],
         eval=last_eval,
         skipped=state["skipped"],
@@ -418,7 +430,9 @@ def _restore(path: Path, net: nn.Module, opts, loader: Loader, cfg: Config) -> d
         loader.load_state_dict(saved["loader"])
     except DataError as e:
         raise TrainingError(f"cannot resume from {path}: {e}") from None
-    return {key: saved[key] for key in ("step", "tokens", "lr_scale", "rollbacks", "skipped", "seconds")}
+    restored = {key: saved[key] for key in ("step", "tokens", "lr_scale", "rollbacks", "skipped", "seconds")}
+    restored["flops"] = saved.get("flops", 0.0)  # checkpoints before FLOP totals were kept: counted from here
+    return restored
 
 
 def _rollback(run_dir, net, opts, loader, cfg: Config, state, log: _Log, d: Dist) -> dict[str, Any]:

@@ -1,0 +1,104 @@
+"""`looped sweep`: a grid of runs into results.jsonl, resumable, commands for torchrun or Slurm, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import write_corpus
+
+from looped.cli import main
+from looped.config import ConfigError
+from looped.data.prepare import prepare
+from looped.science.sweep import load_grid, run_sweep
+
+GRID = """
+[sweep]
+base = ["debug"]
+set = ["data.path={data}", "data.seq_len=32", "model.vocab_size=256", "model.width=32", "train.global_batch=4",
+       "train.checkpoint_every=100", "eval.every=0", "eval.loops=[1]", "optim.warmup_steps=1"]
+out = "{out}"
+seeds = [0]
+eval_loops = [1, 2, 4]
+eval_windows = 4
+parallel = 2
+
+[grid]
+"loops.mean_loops" = [1.0, 2.0]
+"train.steps" = [3, 6]
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep-data")
+    prepare(
+        write_corpus(root / "text", documents=6, sentences=60),
+        root / "tokens",
+        tokenizer="bytes",
+        progress=False,
+    )
+    return root / "tokens"
+
+
+def write_grid(tmp_path, data, text=GRID):
+    path = tmp_path / "grid.toml"
+    path.write_text(text.format(data=data, out=tmp_path / "sweep"))
+    return path
+
+
+def test_sweep_runs_the_grid_and_skips_what_finished(data, tmp_path):
+    grid = write_grid(tmp_path, data)
+    messages: list[str] = []
+    results = run_sweep(grid, say=messages.append)
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(records) == 4 * 3  # 4 runs × 3 evaluated loop counts
+    runs = {r["run"] for r in records}
+    assert len(runs) == 4 and all(r.endswith("seed0") for r in runs)
+    for r in records:
+        assert r["tokens"] == r["grid"]["train.steps"] * 4 * 32
+        assert r["flops"] > 0 and r["params"] > 0 and r["loss"] > 0
+        assert r["unrolled_params"] >= r["params"] and r["mean_loops"] == r["grid"]["loops.mean_loops"]
+    more = [r for r in records if r["grid"]["train.steps"] == 6]
+    less = [r for r in records if r["grid"]["train.steps"] == 3]
+    assert sum(r["flops"] for r in more) > sum(r["flops"] for r in less)
+    # Run again: nothing is re-run and nothing is added.
+    before = results.read_text()
+    messages.clear()
+    run_sweep(grid, say=messages.append)
+    assert results.read_text() == before and "4 done, 0 to run" in messages[0]
+
+
+def test_sweep_writes_commands_for_torchrun_and_slurm(data, tmp_path):
+    grid = write_grid(tmp_path, data)
+    script = run_sweep(grid, commands="torchrun")
+    text = script.read_text()
+    assert text.count("torchrun --nproc_per_node") == 4 and "--resume" in text and "sweep" in text
+    assert all((tmp_path / "sweep" / name / "config.toml").is_file() for name, _ in load_grid(grid).runs())
+    sbatch = run_sweep(grid, commands="slurm").read_text()
+    assert "#SBATCH --array=0-3" in sbatch
+    assert not (tmp_path / "sweep" / "results.jsonl").exists()  # nothing ran
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("[sweep]\nbase = ['debug']\n", "[grid] is empty"),
+        ("[grid]\nwidth = [1]\n", "must be section.key"),
+        ("[grid]\n'model.width' = 64\n", "non-empty list"),
+        ("[grid]\n'model.widht' = [64]\n", "did you mean 'width'"),
+        ("[sweep]\nparalel = 2\n[grid]\n'model.width' = [64]\n", "unknown key sweep.paralel"),
+        ("[grid\n", "not valid TOML"),
+    ],
+)
+def test_bad_grids_are_clear_errors(tmp_path, text, match):
+    path = tmp_path / "g.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match.replace("[", r"\[")):
+        load_grid(path)
+
+
+def test_cli_sweep_errors_are_one_line(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path / "missing.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "no such grid file" in err and err.count("\n") == 1
