@@ -190,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: train.out + '-compare')")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("study", help="studies: stability of injections across learning rates")
+    studies = p.add_subparsers(dest="study", required=True, metavar="STUDY")
+    c = studies.add_parser(
+        "stability", help="injections × spectral norm × learning rates: divergence, spikes, ‖h‖, ρ(Ā)"
+    )
+    _model_source(c)
+    c.add_argument("--lrs", required=True, help="learning rates, e.g. 1e-3,3e-3,1e-2,3e-2")
+    c.add_argument("--out", required=True, help="output directory (resumable)")
+    c.add_argument("--parallel", type=_positive, default=1, help="runs at once")
+    c.add_argument("--json", action="store_true")
+
     p = sub.add_parser("sweep", help="train a grid of runs (resumable) into results.jsonl for `looped fit`")
     p.add_argument("grid", help="GRID.toml: [sweep] settings and a [grid] of 'section.key' = [values]")
     p.add_argument(
@@ -387,6 +398,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parallel=args.parallel,
             )
             print(json.dumps(summary, indent=1) if args.json else format_compare(summary))
+        elif args.command == "study":
+            import json
+
+            from looped.science.study import format_stability, study_stability
+
+            if args.checkpoint is not None:
+                raise ValueError("looped study takes --preset/--config/--set, not a checkpoint directory")
+            try:
+                lrs = [float(v) for v in args.lrs.split(",")]
+            except ValueError:
+                raise ValueError(f"--lrs must be comma-separated numbers, got {args.lrs!r}") from None
+            summary = study_stability(args.files, args.set, lrs, args.out, parallel=args.parallel)
+            print(json.dumps(summary, indent=1) if args.json else format_stability(summary))
         elif args.command == "sweep":
             from looped.science.sweep import run_sweep
 

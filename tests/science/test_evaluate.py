@@ -33,7 +33,9 @@ def test_decode_loss_with_the_per_loop_cache_equals_the_full_forward(trained, wi
 
 
 def test_bits_per_byte_and_exit_rows(trained, tmp_path):
-    result = evaluate_checkpoint(str(trained), [1, 4], max_windows=4, exit="kl:1e-2", plot=str(tmp_path / "l.png"))
+    result = evaluate_checkpoint(
+        str(trained), [1, 4], max_windows=4, exit="kl:1e-2", plot=str(tmp_path / "l.png")
+    )
     assert result["bytes"] == result["tokens"]  # the bytes tokenizer: one byte per token
     for row in result["rows"]:
         assert row["bits_per_byte"] == pytest.approx(row["loss"] / math.log(2))
@@ -56,7 +58,9 @@ def test_cli_eval_with_exit(trained, capsys):
     assert main(["eval", str(trained), "--loops", "2,6", "--max-windows", "2", "--exit", "state:5e-2"]) == 0
     out = capsys.readouterr().out
     assert "bits/byte" in out and "adaptive exit state:5e-2" in out and "mean loops" in out
-    assert main(["eval", str(trained), "--loops", "2", "--max-windows", "2", "--exit", "kl:1e-3", "--json"]) == 0
+    assert (
+        main(["eval", str(trained), "--loops", "2", "--max-windows", "2", "--exit", "kl:1e-3", "--json"]) == 0
+    )
     assert json.loads(capsys.readouterr().out)["exit_rows"][0]["max_loops"] == 2
     assert main(["eval", str(trained), "--loops", "2", "--exit", "bogus:1"]) == 2
     assert "unknown exit criterion" in capsys.readouterr().err

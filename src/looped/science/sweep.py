@@ -233,10 +233,12 @@ def execute(
     eval_loops: list[int],
     eval_windows: int,
     say: Callable[[str], None] = print,
+    worker: Callable[..., list[dict]] | None = None,
 ) -> list[dict]:
     """Train and evaluate (name, config, extra record fields) jobs, `parallel` at once in worker processes;
     append each finished run's records to `results` as it finishes and return them all. A failed or
-    interrupted run is reported and left out, to be resumed by the next call."""
+    interrupted run is reported and left out, to be resumed by the next call. `worker` (a module-level
+    function with run_one's arguments) replaces run_one."""
     if not jobs:
         return []
     threads = max(1, (os.cpu_count() or 1) // parallel)
@@ -244,7 +246,9 @@ def execute(
     out: list[dict] = []
     with concurrent.futures.ProcessPoolExecutor(min(parallel, len(jobs)), mp_context=ctx) as pool:
         futures = {
-            pool.submit(run_one, cfg.to_dict(), name, extra, eval_loops, eval_windows, threads): name
+            pool.submit(
+                worker or run_one, cfg.to_dict(), name, extra, eval_loops, eval_windows, threads
+            ): name
             for name, cfg, extra in jobs
         }
         for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
@@ -262,7 +266,8 @@ def execute(
                     f.write(json.dumps(r) + "\n")
             out += records
             best = min(records, key=lambda r: r["loss"])
-            say(f"[{n}/{len(jobs)}] {name}: loss {best['loss']:.4f} at {best['loops']} loops")
+            where = f" at {best['loops']} loops" if "loops" in best else ""
+            say(f"[{n}/{len(jobs)}] {name}: loss {best['loss']:.4f}{where}")
     return out
 
 
