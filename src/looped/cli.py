@@ -190,6 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: train.out + '-compare')")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser(
+        "fit", help="fit scaling laws (test-time, training, unified) to a sweep's results.jsonl"
+    )
+    p.add_argument("results", help="results.jsonl from looped sweep or looped compare")
+    p.add_argument("--out", default=None, help="write fit.json and plots here")
+    p.add_argument("--bootstrap", type=_positive, default=200, help="bootstrap resamples for the intervals")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "report", help="one self-contained HTML (and Markdown) report of a run, sweep, comparison or study"
+    )
+    p.add_argument("dir", help="a training run, sweep, compare or study output directory")
+
     p = sub.add_parser("study", help="studies: stability of injections across learning rates")
     studies = p.add_subparsers(dest="study", required=True, metavar="STUDY")
     c = studies.add_parser(
@@ -398,6 +412,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parallel=args.parallel,
             )
             print(json.dumps(summary, indent=1) if args.json else format_compare(summary))
+        elif args.command == "fit":
+            import json
+
+            from looped.science.fit import fit_results, format_fit
+
+            result = fit_results(
+                args.results, out_dir=args.out, bootstrap_samples=args.bootstrap, seed=args.seed
+            )
+            print(json.dumps(result, indent=1) if args.json else format_fit(result))
+        elif args.command == "report":
+            from looped.science.report import write_report
+
+            page, notes = write_report(args.dir)
+            print(f"wrote {page} and {notes}")
         elif args.command == "study":
             import json
 

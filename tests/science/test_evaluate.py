@@ -64,3 +64,12 @@ def test_cli_eval_with_exit(trained, capsys):
     assert json.loads(capsys.readouterr().out)["exit_rows"][0]["max_loops"] == 2
     assert main(["eval", str(trained), "--loops", "2", "--exit", "bogus:1"]) == 2
     assert "unknown exit criterion" in capsys.readouterr().err
+
+
+def test_report_of_a_training_run(trained, tmp_path, capsys):
+    run = trained.parent
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert "Training run" in page and "data:image/png;base64," in page
+    assert main(["report", str(tmp_path)]) == 2
+    assert "nothing to report" in capsys.readouterr().err

@@ -65,6 +65,10 @@ def test_stability_grid(data, tmp_path, capsys):
     assert main([*argv, *[a for s in SETS + [f"data.path={data}"] for a in ("--set", s)]]) == 0
     assert (out / "results.jsonl").read_text() == lines
     assert "ρ(Ā)" in capsys.readouterr().out
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "Stability of injections" in page and "data:image/png;base64," in page
+    assert "![stability](stability.png)" in (out / "report.md").read_text()
 
 
 def test_bad_learning_rates(capsys):
