@@ -62,6 +62,12 @@ def test_sweep_runs_the_grid_and_skips_what_finished(data, tmp_path):
     more = [r for r in records if r["grid"]["train.steps"] == 6]
     less = [r for r in records if r["grid"]["train.steps"] == 3]
     assert sum(r["flops"] for r in more) > sum(r["flops"] for r in less)
+    # The records are what `looped fit` reads: the per-run test-time law fits the looped runs.
+    from looped.science.fit import fit_results
+
+    fit = fit_results(results, bootstrap_samples=10)
+    assert fit["records"] == 12
+    assert set(fit["laws"]["test_time"]["runs"]) == runs
     # Run again: nothing is re-run and nothing is added.
     before = results.read_text()
     messages.clear()
