@@ -124,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in train.out from its newest checkpoint"
     )
 
+    p = sub.add_parser("finetune", help="continue training a checkpoint, e.g. at another mean loop count")
+    _model_source(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune")
+
+    p = sub.add_parser("retrofit", help="turn a trained standard checkpoint into a looped one, then train it")
+    _model_source(p)
+    p.add_argument("--layers", required=True, help="prelude,core,coda layers taken from it, e.g. 2,2,2")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted retrofit run")
+
     p = sub.add_parser(
         "eval", help="validation loss, perplexity and bits per byte against loops (and adaptive exit)"
     )
@@ -345,6 +354,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {args.out}: {tokens['train']:,} train and {tokens['val']:,} validation tokens")
         elif args.command == "train":
             _train(args)
+        elif args.command in ("finetune", "retrofit"):
+            from looped.science import transfer
+
+            if args.checkpoint is None:
+                raise ValueError(f"looped {args.command} needs a checkpoint directory")
+            if args.command == "finetune":
+                result = transfer.finetune(args.checkpoint, args.files, args.set, resume=args.resume)
+            else:
+                try:
+                    layers = tuple(int(v) for v in args.layers.split(","))
+                except ValueError:
+                    layers = ()
+                if len(layers) != 3:
+                    raise ValueError(f"--layers must be prelude,core,coda, e.g. 2,2,2; got {args.layers!r}")
+                result = transfer.retrofit(args.checkpoint, layers, args.files, args.set, resume=args.resume)
+            if result.rank == 0:
+                print(result.summary())
         elif args.command == "eval":
             import json
 

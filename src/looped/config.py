@@ -400,6 +400,9 @@ class TrainConfig(Section):
 
     out: str = doc("runs/run", "Run directory: checkpoints/, metrics.jsonl, final/ and tensorboard/.")
     steps: int = doc(1000, "Optimizer steps.")
+    init_from: str | None = doc(
+        None, "Start from this checkpoint's weights (fresh optimizer and schedule): fine-tuning, retrofits."
+    )
     global_batch: int = doc(16, "Sequences per optimizer step, summed over ranks and micro-batches.")
     micro_batch: int | None = doc(None, "Sequences per forward pass; None means global_batch / world size.")
     seed: int = doc(0, "Seed of the model init, data order, loop depths and initial-state noise.")
