@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import write_corpus
 
 from looped.cli import main
 from looped.config import ConfigError, load_config
-from looped.data.prepare import prepare
 from looped.model import accounting
 from looped.science.compare import compare, format_compare, models, parse_budget, steps_for
 
@@ -43,18 +41,6 @@ def test_budgets():
     for bad in ("tokens", "steps=3", "tokens=-1", "flops=abc"):
         with pytest.raises(ConfigError, match="budget"):
             parse_budget(bad)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compare-data")
-    prepare(
-        write_corpus(root / "text", documents=6, sentences=60),
-        root / "tokens",
-        tokenizer="bytes",
-        progress=False,
-    )
-    return root / "tokens"
 
 
 SETS = [

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-from helpers import write_corpus
-
 from looped.cli import main
-from looped.data.prepare import prepare
 from looped.science.study import format_stability, study_stability
 
 SETS = [
@@ -24,18 +20,6 @@ SETS = [
     "optim.grad_clip=0",
     "eval.max_windows=4",
 ]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study-data")
-    prepare(
-        write_corpus(root / "text", documents=6, sentences=60),
-        root / "tokens",
-        tokenizer="bytes",
-        progress=False,
-    )
-    return root / "tokens"
 
 
 def test_stability_grid(data, tmp_path, capsys):

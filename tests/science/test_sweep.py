@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import write_corpus
 
 from looped.cli import main
 from looped.config import ConfigError
-from looped.data.prepare import prepare
 from looped.science.sweep import load_grid, run_sweep
 
 GRID = """
@@ -27,18 +25,6 @@ parallel = 2
 "loops.mean_loops" = [1.0, 2.0]
 "train.steps" = [3, 6]
 """
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep-data")
-    prepare(
-        write_corpus(root / "text", documents=6, sentences=60),
-        root / "tokens",
-        tokenizer="bytes",
-        progress=False,
-    )
-    return root / "tokens"
 
 
 def write_grid(tmp_path, data, text=GRID):
