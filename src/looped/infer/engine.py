@@ -11,7 +11,6 @@ budget and sampling; requests may join between decode steps (the server's contin
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -135,6 +134,7 @@ class Engine:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._ids = 0
+        self._flops_cache: dict[tuple[int, int], float] = {}
         self.checkpoint: Path | None = None
 
     @classmethod
@@ -421,9 +421,11 @@ class Engine:
             flops_per_token=sum(flops) / len(flops) if flops else 0.0,
         )
 
-    @functools.lru_cache(maxsize=4096)  # noqa: B019 — one engine per model, a few thousand (loops, length) keys
     def _flops(self, loops: int, seq_len: int) -> float:
-        return self.model.flops_per_token(max(1, loops), seq_len)
+        key = (loops, seq_len)
+        if key not in self._flops_cache:  # per engine: a cache on the class would keep engines alive
+            self._flops_cache[key] = self.model.flops_per_token(max(1, loops), seq_len)
+        return self._flops_cache[key]
 
     # ------------------------------------------------------------------ the one-call API
     def generate(
