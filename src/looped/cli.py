@@ -213,13 +213,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir", help="a training run, sweep, compare or study output directory")
 
-    p = sub.add_parser("study", help="studies: stability of injections across learning rates")
+    p = sub.add_parser("study", help="studies: stability of injections; transfer across loop depths")
     studies = p.add_subparsers(dest="study", required=True, metavar="STUDY")
     c = studies.add_parser(
         "stability", help="injections × spectral norm × learning rates: divergence, spikes, ‖h‖, ρ(Ā)"
     )
     _model_source(c)
     c.add_argument("--lrs", required=True, help="learning rates, e.g. 1e-3,3e-3,1e-2,3e-2")
+    c.add_argument("--out", required=True, help="output directory (resumable)")
+    c.add_argument("--parallel", type=_positive, default=1, help="runs at once")
+    c.add_argument("--json", action="store_true")
+    c = studies.add_parser(
+        "transfer",
+        help="loss against loops trained at each μ, fine-tuned from μ₀ to other μ, and retrofitted from a "
+        "standard model; learning-rate grid across μ",
+    )
+    _model_source(c)
+    c.add_argument("--budget", required=True, help="tokens from scratch, e.g. tokens=5e5")
+    c.add_argument(
+        "--finetune-tokens", type=float, default=None, help="tokens per fine-tune (default budget/4)"
+    )
+    c.add_argument("--mus", type=_int_list, default=[1, 2, 4, 8], help="mean loop counts, default 1,2,4,8")
+    c.add_argument("--lrs", required=True, help="learning rates, e.g. 3e-3,1e-2,3e-2")
+    c.add_argument(
+        "--eval-loops", type=_int_list, default=None, help="default 1,2,4,8,16 and each μ, 2·max μ"
+    )
     c.add_argument("--out", required=True, help="output directory (resumable)")
     c.add_argument("--parallel", type=_positive, default=1, help="runs at once")
     c.add_argument("--json", action="store_true")
@@ -463,8 +481,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lrs = [float(v) for v in args.lrs.split(",")]
             except ValueError:
                 raise ValueError(f"--lrs must be comma-separated numbers, got {args.lrs!r}") from None
-            summary = study_stability(args.files, args.set, lrs, args.out, parallel=args.parallel)
-            print(json.dumps(summary, indent=1) if args.json else format_stability(summary))
+            if args.study == "stability":
+                summary = study_stability(args.files, args.set, lrs, args.out, parallel=args.parallel)
+                print(json.dumps(summary, indent=1) if args.json else format_stability(summary))
+            else:
+                from looped.science.compare import parse_budget
+                from looped.science.transfer import format_transfer, study_transfer
+
+                kind, tokens = parse_budget(args.budget)
+                if kind != "tokens":
+                    raise ValueError(f"looped study transfer takes --budget tokens=N, got {args.budget!r}")
+                summary = study_transfer(
+                    args.files,
+                    args.set,
+                    tokens,
+                    args.finetune_tokens or tokens / 4,
+                    args.mus,
+                    lrs,
+                    args.out,
+                    eval_loops=args.eval_loops,
+                    parallel=args.parallel,
+                )
+                print(json.dumps(summary, indent=1) if args.json else format_transfer(summary))
         elif args.command == "sweep":
             from looped.science.sweep import run_sweep
 

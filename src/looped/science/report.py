@@ -35,11 +35,20 @@ def _sections(folder: Path) -> list[tuple[str, str, list[Path]]]:
                 [folder / "stability.png"],
             )
         )
+    if (folder / "transfer.json").is_file():
+        from looped.science.transfer import format_transfer
+
+        summary = json.loads((folder / "transfer.json").read_text())
+        out.append(
+            (
+                "Transfer across loop depths and retrofitting",
+                format_transfer(summary),
+                [folder / "transfer.png"],
+            )
+        )
     results = folder / RESULTS
-    if (
-        results.is_file()
-        and not (folder / "compare.json").is_file()
-        and not (folder / "stability.json").is_file()
+    if results.is_file() and not any(
+        (folder / f).is_file() for f in ("compare.json", "stability.json", "transfer.json")
     ):
         from looped.science.fit import fit_results, format_fit
 
@@ -95,7 +104,7 @@ def write_report(folder: str | Path) -> tuple[Path, Path]:
     sections = _sections(folder)
     if not sections:
         raise ValueError(
-            f"{folder}: nothing to report (no metrics.jsonl, compare.json, stability.json or {RESULTS})"
+            f"{folder}: nothing to report (no metrics.jsonl, compare.json, stability.json, transfer.json or {RESULTS})"
         )
     title = f"looped report: {folder}"
     parts = [
