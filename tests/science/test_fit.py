@@ -10,18 +10,20 @@ import pytest
 
 from looped.science.fit import (
     FitError,
-    TestTimeLaw,
-    TrainingLaw,
-    UnifiedLaw,
     accounting_fns,
-    bootstrap,
-    compute_optimal,
-    compute_optimal_scaling,
     data_accounting,
     fit_results,
     format_fit,
-    leave_one_out,
     load_results,
+)
+from looped.science.laws import (
+    TestTimeLaw,
+    TrainingLaw,
+    UnifiedLaw,
+    bootstrap,
+    compute_optimal,
+    compute_optimal_scaling,
+    leave_one_out,
 )
 
 # Parcae-like values (arXiv 2604.12946 reports a ≈ 0.77, b ≈ 0.5): every term matters on the grids below.

@@ -38,7 +38,8 @@ def plot_fits(runs, fitted_tt, chosen, fitted_b, points, fitted_c, out: Path) ->
     import matplotlib
     import numpy as np
 
-    from looped.science.fit import TestTimeLaw, TrainingLaw, UnifiedLaw, _columns
+    from looped.science.fit import _columns
+    from looped.science.laws import TestTimeLaw, TrainingLaw, UnifiedLaw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
