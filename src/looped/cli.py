@@ -251,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the commands for torchrun or a Slurm array instead of running here",
     )
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server; each request picks its loops or tier")
+    _model_source(p)
+    p.add_argument("--host", default=None, help="address (default serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default serve.port, 8000)")
+    p.add_argument(
+        "--hash-key", metavar="KEY", help="print the sha256 to put in serve.keys for KEY, and exit"
+    )
+
     p = sub.add_parser("export", help="export a checkpoint to another format")
     exp = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
     c = exp.add_parser("hf", help="a Hugging Face transformers folder (LoopedForCausalLM + tokenizer)")
@@ -508,6 +516,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             path = run_sweep(args.grid, commands=args.commands)
             print(f"wrote {path}")
+        elif args.command == "serve":
+            if args.hash_key is not None:
+                from looped.serve.auth import hash_key
+
+                print(hash_key(args.hash_key))
+                return 0
+            if args.checkpoint is None:
+                raise ValueError("looped serve needs a checkpoint directory")
+            try:
+                from looped.serve.app import serve
+            except ImportError as e:
+                raise ValueError(
+                    f"looped serve needs FastAPI and uvicorn: pip install 'looped[serve]' ({e})"
+                ) from None
+            serve(args.checkpoint, args.files, args.set, host=args.host, port=args.port)
         elif args.command == "export":
             from looped.interop.hf import export_hf
 

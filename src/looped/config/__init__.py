@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from looped.config.runtime import InferConfig
+from looped.config.runtime import InferConfig, ServeConfig
 from looped.config.section import ConfigError, Section, _closest, doc
 from looped.config.sections import (
     BlockNorm,
@@ -38,6 +38,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "InferConfig",
+    "ServeConfig",
     "Injection",
     "LoopSampler",
     "LoopsConfig",
@@ -70,6 +71,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     SECTIONS: typing.ClassVar[dict[str, type[Section]]] = {
         "model": ModelConfig,
@@ -79,6 +81,7 @@ class Config:
         "train": TrainConfig,
         "eval": EvalConfig,
         "infer": InferConfig,
+        "serve": ServeConfig,
     }
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -178,6 +181,8 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} to TOML")
 
 

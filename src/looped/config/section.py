@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -27,9 +28,18 @@ def _literal_choices(tp: Any) -> tuple | None:
 
 
 def _check_value(section: str, name: str, tp: Any, value: Any) -> None:
-    """Type-check one field against its annotation (Literal, int, float, bool, str, list, Optional)."""
+    """Type-check one field against its annotation (Literal, int, float, bool, str, list, dict, Optional)."""
     where = f"{section}.{name}"
+    if tp is Any:
+        return
     origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table, got {value!r}")
+        _, value_tp = typing.get_args(tp) or (str, Any)
+        for key, item in value.items():
+            _check_value(section, f"{name}.{key}", value_tp, item)
+        return
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -106,6 +116,6 @@ class Section:
 
 def doc(default: Any, text: str) -> Any:
     """A dataclass field with a default and a one-line description."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": text})
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": text})
     return field(default=default, metadata={"doc": text})

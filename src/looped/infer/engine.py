@@ -39,6 +39,7 @@ class Compute:
     max_flops_per_token: float | None = None
     max_ms_per_token: float | None = None
     warm_start: bool = False
+    max_loops: int | None = None  # a cap below infer.max_loops (a server's per-key limit)
 
 
 @dataclass
@@ -204,11 +205,9 @@ class Engine:
         on_token: Callable[[Request, str], None] | None = None,
     ) -> Request:
         """Queue a request; it is prefilled at the next `step()`. `on_token(request, new_text)` streams."""
-        ids = self.encode(prompt)
         sampling = sampling or self.sampling()
-        sampling.validate()
         compute = compute or Compute()
-        loops, crit = self._resolve(compute, len(ids) + sampling.max_new_tokens)
+        ids, loops, crit = self.prepare(prompt, sampling, compute)
         if compute.max_ms_per_token is not None and self.controller is None:
             self._calibrate_now()
         req = Request(
@@ -230,9 +229,29 @@ class Engine:
             self.waiting.append(req)
         return req
 
+    def prepare(
+        self, prompt: str | Sequence[int], sampling: SamplingParams, compute: Compute
+    ) -> tuple[list[int], int, ExitCriterion | None]:
+        """Check a request without queueing it: (prompt ids, loops, exit criterion), or a ValueError that says
+        what is wrong. Touches no engine state, so a server may call it from any thread."""
+        ids = self.encode(prompt)
+        sampling.validate()
+        loops, crit = self._resolve(compute, len(ids) + sampling.max_new_tokens)
+        return ids, loops, crit
+
+    def cancel(self, req: Request, reason: str = "cancelled") -> None:
+        """Stop a request (a client went away, a timeout): it gets no more tokens and frees its row at the
+        next `step()`."""
+        if req.finished:
+            return
+        req.finish_reason, req.pending = reason, None
+        if req in self.waiting:
+            self.waiting.remove(req)
+
     def _resolve(self, compute: Compute, length: int) -> tuple[int, ExitCriterion | None]:
         """(loops, exit criterion) for a request, with every bad value a ValueError."""
-        cap = self.infer.max_loops
+        cap = min(self.infer.max_loops, compute.max_loops or self.infer.max_loops)
+        where = "infer.max_loops" if cap == self.infer.max_loops else "the cap for this caller"
         budgets = [
             name
             for name, v in (
@@ -250,7 +269,7 @@ class Engine:
         if compute.loops is not None:
             loops = int(compute.loops)
             if not 1 <= loops <= cap:
-                raise ValueError(f"loops must lie in [1, {cap}] (infer.max_loops), got {compute.loops}")
+                raise ValueError(f"loops must lie in [1, {cap}] ({where}), got {compute.loops}")
         elif compute.max_flops_per_token is not None:
             seq_len = min(length, self.model.cfg.max_seq_len)
             loops = loops_for_flops(self.model, compute.max_flops_per_token, seq_len, cap)
