@@ -20,7 +20,18 @@ from looped.config import ServeConfig
 from looped.infer.engine import Engine
 from looped.serve.auth import Keyring
 from looped.serve.metrics import Metrics
-from looped.serve.protocol import APIError, Ask, chunk, decode_body, new_id, parse_request, response, sse
+from looped.serve.protocol import (
+    APIError,
+    Ask,
+    chunk,
+    decode_body,
+    looped_info,
+    new_id,
+    parse_request,
+    response,
+    sse,
+    usage,
+)
 from looped.serve.scheduler import Item, QueueFull, Scheduler, deliverer
 
 
@@ -82,6 +93,7 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None):
                     where = f"prompt {i}: " if len(ask.prompts) > 1 else ""
                     raise APIError(where + str(e)) from None
                 prompts.append(ids)
+            keyring.count(key)
             loop, queue = asyncio.get_running_loop(), asyncio.Queue()
             items = [
                 Item(ids, ask.sampling, compute, deliverer(loop, queue, i), arrived=arrived)
@@ -166,10 +178,8 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None):
                     done[index] = gen = event[1]
                     last = chunk(ask, rid, index, None if ask.kind == "chat" else "", [], gen.finish_reason)
                     if all(g is not None for g in done):
-                        from looped.serve.protocol import looped_info, usage
-
                         last["usage"] = usage(done)
-                        last["looped"] = looped_info(
+                        last["looped"] |= looped_info(
                             done, ask.loops_per_token, ask.tier, _timings(items, arrived, first)
                         )
                     yield sse(last)
@@ -312,3 +322,23 @@ def serve(
     uvicorn.run(
         app, host=host or cfg.serve.host, port=port if port is not None else cfg.serve.port, log_level="info"
     )
+
+
+def run_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0):
+    """Start uvicorn serving `app` in a daemon thread (port 0: any free port); returns (server, url). Stop it
+    with `server.should_exit = True`. For tests and benchmarks."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="looped-uvicorn", daemon=True)
+    thread.start()
+    start = time.monotonic()
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() - start > timeout:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    server.thread = thread
+    return server, f"http://{host}:{bound}"

@@ -58,27 +58,29 @@ class Keyring:
         return found
 
     def admit(self, key: Key | None, ask: Ask) -> None:
-        """Check the key's tiers for this request, then count it against the key's rate. (Its loop cap goes
-        to the engine as Compute.max_loops, which also bounds what a tier or budget picks.)"""
-        if key is None:
-            return
-        if key.tiers and ask.tier is not None and ask.tier not in key.tiers:
+        """Check that the key may use the tier this request names (403 if not). Its loop cap goes to the
+        engine as Compute.max_loops, which also bounds what a tier or a budget picks."""
+        if key is not None and key.tiers and ask.tier is not None and ask.tier not in key.tiers:
             raise APIError(
                 f"this key may use the tiers {', '.join(key.tiers)}, not '{ask.tier}'", 403, param="compute"
             )
-        if key.rate_per_minute is not None:
-            now = self.clock()
-            with self._lock:
-                calls = self._calls[key.name]
-                while calls and calls[0] <= now - 60:
-                    calls.popleft()
-                if len(calls) >= key.rate_per_minute:
-                    raise APIError(
-                        f"rate limit of {key.rate_per_minute} requests per minute reached for this key",
-                        429,
-                        code="rate_limit_exceeded",
-                    )
-                calls.append(now)
+
+    def count(self, key: Key | None) -> None:
+        """Count a request that passed every check against the key's rate (429 past rate_per_minute)."""
+        if key is None or key.rate_per_minute is None:
+            return
+        now = self.clock()
+        with self._lock:
+            calls = self._calls[key.name]
+            while calls and calls[0] <= now - 60:
+                calls.popleft()
+            if len(calls) >= key.rate_per_minute:
+                raise APIError(
+                    f"rate limit of {key.rate_per_minute} requests per minute reached for this key",
+                    429,
+                    code="rate_limit_exceeded",
+                )
+            calls.append(now)
 
     def cap(self, key: Key | None, max_loops: int) -> int:
         """The most loops this caller may run per token (a budget or a tier cannot go past it)."""

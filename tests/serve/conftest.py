@@ -1,0 +1,43 @@
+"""Serving fixtures: an engine on the session's trained checkpoint, a TestClient app, a real server."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import require_optional
+
+require_optional("fastapi", "test")
+require_optional("uvicorn", "test")
+require_optional("httpx", "test")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from looped.config import ServeConfig  # noqa: E402
+from looped.infer.engine import Engine  # noqa: E402
+from looped.serve.app import create_app, run_in_thread  # noqa: E402
+
+MODEL = "run"  # the session checkpoint is <tmp>/run/final
+
+
+@pytest.fixture(scope="session")
+def engine(trained):
+    return Engine.from_checkpoint(trained)
+
+
+def client_for(engine, **serve) -> TestClient:
+    return TestClient(create_app(engine, ServeConfig(**serve)))
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    with client_for(engine) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    """A real uvicorn server on a free port of 127.0.0.1: (url, app)."""
+    app = create_app(engine, ServeConfig(max_batch=8))
+    srv, url = run_in_thread(app)
+    yield url, app
+    srv.should_exit = True
+    srv.thread.join(timeout=10)
