@@ -206,3 +206,72 @@ def test_hash_key_cli(capsys):
 
     assert main(["serve", "--hash-key", "sk-x"]) == 0
     assert capsys.readouterr().out.strip() == hash_key("sk-x")
+
+
+def test_serve_cli_starts_and_answers(trained, tmp_path):
+    """`looped serve CKPT` as users run it: a process on a free port that answers, with the config's tiers."""
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve_toml = tmp_path / "serve.toml"
+    serve_toml.write_text('[serve]\nmodel_name = "tiny"\ntiers = { quick = { loops = 1 } }\n')
+    cmd = [
+        sys.executable,
+        "-m",
+        "looped",
+        "serve",
+        str(trained),
+        "--port",
+        str(port),
+        "--config",
+        str(serve_toml),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.2)
+        r = httpx.post(
+            url + "/v1/completions",
+            json={"model": "tiny", "prompt": "a", "max_tokens": 2, "compute": "quick"},
+        )
+        assert r.status_code == 200 and r.json()["looped"]["mean_loops"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_cli_errors(tmp_path, capsys):
+    from looped.cli import main
+
+    assert main(["serve", str(tmp_path)]) == 2
+    assert "looped serve: error:" in capsys.readouterr().err
+    assert main(["serve"]) == 2
+    assert "needs a checkpoint" in capsys.readouterr().err
+
+
+def test_example_serve_config(engine):
+    """configs/serve.toml loads, and its example keys work as its comments say."""
+    from pathlib import Path
+
+    from looped.config import load_config
+
+    cfg = load_config([Path(__file__).parents[2] / "configs" / "serve.toml"]).serve
+    with client_for(engine, **cfg.to_dict()) as c:
+        body = {"model": MODEL, "prompt": "a", "max_tokens": 1}
+        free = {"Authorization": "Bearer sk-free-example"}
+        assert c.post("/v1/completions", json={**body, "compute": "fast"}, headers=free).status_code == 200
+        assert c.post("/v1/completions", json={**body, "compute": "best"}, headers=free).status_code == 403
+        pro = {"Authorization": "Bearer sk-pro-example"}
+        assert c.post("/v1/completions", json={**body, "compute": "best"}, headers=pro).status_code == 200
