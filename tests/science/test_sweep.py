@@ -94,3 +94,15 @@ def test_cli_sweep_errors_are_one_line(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "missing.toml")]) == 2
     err = capsys.readouterr().err
     assert "no such grid file" in err and err.count("\n") == 1
+
+
+def test_shipped_grids_load():
+    """Every grid in configs/grids/ parses and resolves each of its runs' configs."""
+    from pathlib import Path
+
+    from looped.science.sweep import load_grid
+
+    grids = sorted((Path(__file__).parents[2] / "configs" / "grids").glob("*.toml"))
+    assert grids
+    for path in grids:
+        assert load_grid(path).runs()
