@@ -394,6 +394,8 @@ def plot_transfer(s: dict, path: Path) -> Path:
             color="black" if key == "standard" else colors[i % len(colors)],
         )
     c.set_xscale("log")
+    c.set_xticks([float(lr) for lr in s["lrs"]], [f"{float(lr):g}" for lr in s["lrs"]])
+    c.minorticks_off()
     c.set_xlabel("learning rate")
     c.set_ylabel("validation loss at T = μ")
     c.set_title("does the best learning rate move with μ?")
