@@ -319,9 +319,15 @@ def serve(
     engine = Engine.from_checkpoint(checkpoint)
     engine.infer = cfg.infer
     app = create_app(engine, cfg.serve)
-    uvicorn.run(
-        app, host=host or cfg.serve.host, port=port if port is not None else cfg.serve.port, log_level="info"
+    host = host or cfg.serve.host
+    port = port if port is not None else cfg.serve.port
+    keys = f"{len(cfg.serve.keys)} API keys" if cfg.serve.keys else "no API keys (open)"
+    print(
+        f"looped serve: model '{app.state.model_name}' on http://{host}:{port}: OpenAI API at /v1, playground at /, "
+        f"metrics at /metrics; tiers {', '.join(cfg.serve.tiers)}; {keys}",
+        flush=True,
     )
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 def run_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0):
