@@ -47,6 +47,15 @@ def test_diagonal_init_matches_parcae():
     torch.testing.assert_close(inj.B.weight, torch.eye(32))
 
 
+def test_readout_init():
+    """Parcae's readout is orthogonal with singular values √(2/5); readout_init = "identity" starts it at I."""
+    parcae = LoopedLM(tiny()).readout.weight
+    s = torch.linalg.svdvals(parcae)
+    torch.testing.assert_close(s, torch.full_like(s, (2 / 5) ** 0.5))
+    assert not torch.allclose(parcae, torch.eye(32) * (2 / 5) ** 0.5)  # a rotation, not a scaled identity
+    torch.testing.assert_close(LoopedLM(tiny(readout_init="identity")).readout.weight, torch.eye(32))
+
+
 @pytest.mark.parametrize("injection", ["diagonal", "linear"])
 def test_spectral_bound_holds_after_optimizer_steps(injection):
     bound = 0.8

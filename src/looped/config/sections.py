@@ -56,6 +56,11 @@ class ModelConfig(Section):
     )
     prelude_norm: bool = doc(True, "RMSNorm on the prelude output e before it is injected.")
     readout: bool = doc(True, "Linear readout C from the recurrent state to the coda.")
+    readout_init: Literal["orthogonal", "identity"] = doc(
+        "orthogonal",
+        "Init of C: orthogonal with singular values √(2/5) (Parcae), or the identity, which keeps the state in "
+        "the embedding's basis (with tied embeddings, much faster to train at small budgets; docs/results.md).",
+    )
     state_init: StateInit = doc(
         "zero", "Initial recurrent state: zero, normal (std 1) or like-init (truncated normal, init std)."
     )

@@ -87,7 +87,8 @@ class LoopedLM(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Parcae's "scaled-zero" init: truncated-normal hidden matrices (std √(2/(5d))), zero output projections,
-        identity B with decay ≈ init_decay, orthogonal readout with singular values √(2/5)."""
+        identity B with decay ≈ init_decay, orthogonal readout with singular values √(2/5) (or the identity,
+        model.readout_init)."""
         std = self.cfg.std
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -100,7 +101,9 @@ class LoopedLM(nn.Module):
                 module.weight.fill_(1.0)
         if self.injection is not None:
             self.injection.reset_parameters()
-        if self.readout is not None:
+        if self.readout is not None and self.cfg.readout_init == "identity":
+            self.readout.weight.copy_(torch.eye(self.cfg.width))
+        elif self.readout is not None:
             nn.init.orthogonal_(self.readout.weight)
             self.readout.weight.mul_(math.sqrt(2 / 5))
         if self.constraint is not None:
