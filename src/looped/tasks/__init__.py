@@ -1,0 +1,1 @@
+"""Beyond text: algorithmic tasks where more loops should solve larger problems than seen in training."""
