@@ -187,3 +187,20 @@ def test_like_init_state_is_a_truncated_normal_at_the_init_std():
     assert float(h.std()) == pytest.approx(std * 0.986, rel=0.05)  # the std of N(0, σ²) cut at ±3σ
     assert float((h.abs() > 2.99 * std).float().mean()) < 0.001  # truncated, not clamped onto the edges
     torch.testing.assert_close(h, model.initial_state(torch.zeros(8, 32, 64)), rtol=0, atol=0)
+
+
+def test_encoder_attends_both_ways_and_the_engine_refuses_it():
+    """model.causal = false: a later token changes an earlier position's output; a causal model's does not."""
+    from looped.infer.engine import Engine
+
+    x = ids(2, 12, vocab=97)
+    y = x.clone()
+    y[:, -1] = (y[:, -1] + 1) % 97
+    for causal in (True, False):
+        torch.manual_seed(0)
+        model = randomize_(LoopedLM(tiny(causal=causal))).eval()
+        with torch.no_grad():
+            a, b = model(x, loops=3).logits, model(y, loops=3).logits
+        assert torch.allclose(a[:, :-1], b[:, :-1]) == causal
+    with pytest.raises(ValueError, match="causal"):
+        Engine(model)

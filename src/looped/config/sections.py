@@ -38,6 +38,9 @@ class ModelConfig(Section):
     norm_eps: float = doc(1e-5, "RMSNorm epsilon.")
     rope_base: float = doc(50000.0, "Rotary embedding base (theta).")
     qk_norm: bool = doc(True, "Parameter-free RMSNorm on queries and keys per head.")
+    causal: bool = doc(
+        True, "Causal attention (a language model); false makes an encoder, as for looped.tasks."
+    )
     value_embeds: bool = doc(False, "Gated value embeddings on alternating layers (last layer included).")
     value_embed_layers: list[int] | None = doc(
         None,

@@ -119,6 +119,8 @@ class Engine:
         profile: Profile | None = None,
         notice: Callable[[str], None] | None = None,
     ) -> None:
+        if not model.cfg.causal:
+            raise ValueError("generation needs a causal model; this one is an encoder (model.causal = false)")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.infer = infer or InferConfig()

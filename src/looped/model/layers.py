@@ -104,12 +104,13 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads, optional QK-norm and optional gated value embedding."""
+    """Self-attention (causal unless model.causal = false) with grouped-query heads, optional QK-norm and
+    optional gated value embedding."""
 
     def __init__(self, cfg: ModelConfig, value_embed: bool = False) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.dim_head
-        self.qk_norm = cfg.qk_norm
+        self.qk_norm, self.causal = cfg.qk_norm, cfg.causal
         self.wq = nn.Linear(cfg.width, self.n_heads * self.hd, bias=False)
         self.wk = nn.Linear(cfg.width, self.n_kv * self.hd, bias=False)
         self.wv = nn.Linear(cfg.width, self.n_kv * self.hd, bias=False)
@@ -139,7 +140,7 @@ class Attention(nn.Module):
                 q.transpose(1, 2),
                 k.transpose(1, 2),
                 v.transpose(1, 2),
-                is_causal=True,
+                is_causal=self.causal,
                 enable_gqa=self.n_kv != self.n_heads,
             )  # (B, H, S, hd)
         else:
