@@ -34,10 +34,17 @@ def _model_source(p: argparse.ArgumentParser) -> None:
 
 
 def _int_list(text: str) -> list[int]:
+    """ "1,4,16", or "8..512" for the doublings from 8 to 512."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = []
+        for v in (v.strip() for v in text.split(",") if v.strip()):
+            lo, sep, hi = v.partition("..")
+            if sep and int(lo) >= 1:
+                values += [2**i * int(lo) for i in range(64) if 2**i * int(lo) <= int(hi)]
+            else:
+                values.append(int(v))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers or A..B, got {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"loop counts must be integers ≥ 1, got {text!r}")
     return values
@@ -121,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a looped LM (also under torchrun: python -m looped train ...)")
     _model_source(p)
     p.add_argument(
+        "--task",
+        default=None,
+        help="train an encoder on an algorithmic task instead: prefix_sums, parity, addition, mazes",
+    )
+    p.add_argument("--size", type=_positive, default=32, help="with --task: the training problem size")
+    p.add_argument(
         "--resume", action="store_true", help="continue the run in train.out from its newest checkpoint"
     )
 
@@ -151,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--min-loops", type=_positive, default=1, help="with --exit: no token stops earlier")
     p.add_argument("--kv-cache", choices=["shared", "per-loop"], default="shared", help="with --exit")
+    p.add_argument(
+        "--task",
+        default=None,
+        help="exact match on an algorithmic task (default: the one the checkpoint was trained on, if any)",
+    )
+    p.add_argument("--sizes", type=_int_list, default=None, help="with a task: problem sizes, e.g. 32,64,128")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("generate", help="continue a prompt: fixed loops, adaptive exit or a latency budget")
@@ -274,6 +293,18 @@ def _train(args: argparse.Namespace) -> None:
 
     if args.checkpoint is not None:
         raise ValueError("looped train takes --preset/--config/--set, not a checkpoint directory")
+    if args.task is not None:
+        from looped.tasks.generators import get_task
+        from looped.tasks.train import evaluate_task, format_task_table, train_task
+
+        cfg = load_config(args.files, args.set)
+        model, _ = train_task(cfg, args.task, args.size)
+        mu = max(1, round(cfg.loops.mean_loops))
+        table = evaluate_task(model, args.task, [args.size], sorted({1, mu, 2 * mu}))
+        print(format_task_table(table, get_task(args.task).size_name))
+        if cfg.train.out:
+            print(f"saved {cfg.train.out}/final")
+        return
     result = train(load_config(args.files, args.set), resume=args.resume)
     if result.rank == 0:
         print(result.summary())
@@ -401,7 +432,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             import json
 
             from looped.science.evaluate import evaluate_checkpoint, format_eval
+            from looped.tasks.train import evaluate_task_checkpoint, format_task_table
 
+            task = evaluate_task_checkpoint(args.checkpoint, args.task, args.sizes, args.loops, args.plot)
+            if task is not None:
+                print(
+                    json.dumps(task, indent=2)
+                    if args.json
+                    else format_task_table(task["table"], task["size_name"])
+                )
+                return 0
             result = evaluate_checkpoint(
                 args.checkpoint,
                 args.loops,

@@ -43,3 +43,32 @@ def test_task_training_needs_a_looped_model():
     cfg = load_config(["debug"], ["model.core_layers=0", "train.steps=1"])
     with pytest.raises(ConfigError, match="looped model"):
         train_task(cfg, "parity", 4, say=lambda m: None)
+
+
+def test_cli_train_and_eval_a_task(tmp_path, capsys):
+    import json
+
+    from looped.cli import main
+
+    out = tmp_path / "parity"
+    sets = [
+        "model.width=32",
+        "train.steps=5",
+        "train.global_batch=8",
+        f"train.out={out}",
+        "loops.mean_loops=2",
+    ]
+    argv = ["train", "--preset", "debug", "--task", "parity", "--size", "4"]
+    assert main([*argv, *[a for s in sets for a in ("--set", s)]]) == 0
+    assert "T=1" in capsys.readouterr().out
+    plot = tmp_path / "acc.png"
+    assert (
+        main(["eval", str(out / "final"), "--loops", "1..8", "--sizes", "4,8", "--json", "--plot", str(plot)])
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["task"] == "parity" and result["train_size"] == 4  # the task comes from the checkpoint
+    assert set(result["table"]) == {"4", "8"} and set(result["table"]["8"]) == {"1", "2", "4", "8"}
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert main(["eval", str(out / "final"), "--task", "sudoku"]) == 2
+    assert "unknown task" in capsys.readouterr().err

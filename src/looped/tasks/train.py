@@ -127,3 +127,58 @@ def format_task_table(table: dict[int, dict[int, float]], size_name: str) -> str
     for size, row in table.items():
         lines.append(f"{size:>14} " + " ".join(f"{row.get(t, math.nan):>7.1%}" for t in loops))
     return "\n".join(lines)
+
+
+def evaluate_task_checkpoint(
+    checkpoint: str | Path,
+    task: str | None,
+    sizes: list[int] | None,
+    loops: list[int],
+    plot: str | None = None,
+) -> dict | None:
+    """`looped eval` on a task checkpoint: exact match at `sizes` × `loops` (sizes default: 1×, 2× and 4× the
+    training size). None when neither `task` is given nor the checkpoint was trained on one."""
+    from looped.checkpoint import load
+
+    run_file = Path(checkpoint) / "run.json"
+    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    task = task or run.get("task")
+    if task is None:
+        return None
+    t = get_task(task)
+    if sizes is None:
+        base = int(run.get("train_size", 8))
+        sizes = [base, 2 * base, 4 * base] if task != "mazes" else [base, 2 * base + 1, 4 * base + 1]
+    model = load(checkpoint)
+    if model.cfg.causal:
+        raise ConfigError(f"{checkpoint} is a language model, not a task encoder (train one with --task)")
+    table = evaluate_task(model, task, sizes, loops)
+    out = {"task": task, "size_name": t.size_name, "train_size": run.get("train_size"), "table": table}
+    if plot:
+        out["plot"] = str(plot_task(table, t.size_name, task, Path(plot)))
+    return out
+
+
+def plot_task(table: dict[int, dict[int, float]], size_name: str, task: str, path: Path) -> Path:
+    """Exact match against loops (log₂ axis), one line per problem size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for size, row in table.items():
+        xs = sorted(row)
+        ax.plot(xs, [100 * row[x] for x in xs], marker="o", label=f"{size} {size_name}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("loops T at test time")
+    ax.set_ylabel("exact match (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(task)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
