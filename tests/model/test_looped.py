@@ -204,3 +204,22 @@ def test_encoder_attends_both_ways_and_the_engine_refuses_it():
         assert torch.allclose(a[:, :-1], b[:, :-1]) == causal
     with pytest.raises(ValueError, match="causal"):
         Engine(model)
+
+
+def test_attention_window_passes_information_on_one_window_per_layer():
+    """attn_window = 1 in an encoder with 1/1/1 layers: a token reaches 2 + T positions after T loops."""
+    cfg = tiny(
+        causal=False, attn_window=1, prelude_layers=1, core_layers=1, coda_layers=1, value_embeds=False
+    )
+    torch.manual_seed(0)
+    model = randomize_(LoopedLM(cfg)).eval()
+    x = ids(1, 16, vocab=97)
+    y = x.clone()
+    y[0, 12] = (y[0, 12] + 1) % 97
+    for loops in (1, 4, 8):
+        with torch.no_grad():
+            changed = (model(x, loops=loops).logits - model(y, loops=loops).logits).abs().amax(-1)[
+                0
+            ] > 0  # unreached rows are bit-identical
+        reach = 2 + loops
+        assert changed[max(0, 12 - reach) :].all() and not changed[: max(0, 12 - reach)].any()

@@ -41,6 +41,11 @@ class ModelConfig(Section):
     causal: bool = doc(
         True, "Causal attention (a language model); false makes an encoder, as for looped.tasks."
     )
+    attn_window: int | None = doc(
+        None,
+        "Attend only to positions at most this far away (a band); None: all. Local attention makes an encoder "
+        "pass information on through loops rather than in one long look (looped.tasks).",
+    )
     value_embeds: bool = doc(False, "Gated value embeddings on alternating layers (last layer included).")
     value_embed_layers: list[int] | None = doc(
         None,
@@ -82,6 +87,8 @@ class ModelConfig(Section):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.attn_window is not None and self.attn_window < 1:
+            raise ConfigError(f"model.attn_window must be ≥ 1 (or None), got {self.attn_window}")
         for name in ("prelude_layers", "core_layers", "coda_layers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.{name} must be ≥ 0, got {getattr(self, name)}")

@@ -119,8 +119,10 @@ class Engine:
         profile: Profile | None = None,
         notice: Callable[[str], None] | None = None,
     ) -> None:
-        if not model.cfg.causal:
-            raise ValueError("generation needs a causal model; this one is an encoder (model.causal = false)")
+        if not model.cfg.causal or model.cfg.attn_window is not None:
+            raise ValueError(
+                "generation needs a causal model with full attention (model.causal = true, attn_window = None)"
+            )
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.infer = infer or InferConfig()

@@ -110,7 +110,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, value_embed: bool = False) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.dim_head
-        self.qk_norm, self.causal = cfg.qk_norm, cfg.causal
+        self.qk_norm, self.causal, self.window = cfg.qk_norm, cfg.causal, cfg.attn_window
         self.wq = nn.Linear(cfg.width, self.n_heads * self.hd, bias=False)
         self.wk = nn.Linear(cfg.width, self.n_kv * self.hd, bias=False)
         self.wv = nn.Linear(cfg.width, self.n_kv * self.hd, bias=False)
@@ -136,11 +136,17 @@ class Attention(nn.Module):
             # Parameter-free, default eps: rotation keeps the norm, so order against RoPE does not matter.
             q, k = rms_norm(q), rms_norm(k)
         if kv is None:
+            band = None
+            if self.window is not None:  # |i − j| ≤ window (and j ≤ i when causal)
+                pos = torch.arange(S, device=x.device)
+                offset = pos[:, None] - pos[None, :]  # (S, S)
+                band = (offset.abs() <= self.window) & ((offset >= 0) | (not self.causal))
             y = F.scaled_dot_product_attention(
                 q.transpose(1, 2),
                 k.transpose(1, 2),
                 v.transpose(1, 2),
-                is_causal=self.causal,
+                attn_mask=band,
+                is_causal=self.causal and band is None,
                 enable_gqa=self.n_kv != self.n_heads,
             )  # (B, H, S, hd)
         else:
