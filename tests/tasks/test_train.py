@@ -37,6 +37,10 @@ def test_tiny_model_learns_small_prefix_sums(tmp_path):
     saved = load(tmp_path / "run" / "final")
     assert not saved.cfg.causal and saved.cfg.vocab_size == 2
     assert evaluate_task(saved, "prefix_sums", [6], [6], n=128) == {6: {6: table[6][6]}}
+    # a curriculum step starts from those weights: its first logged loss is the trained model's
+    more = load_config(["debug"], [*SETS, "train.steps=1", f"train.init_from={tmp_path / 'run' / 'final'}"])
+    _, again = train_task(more, "prefix_sums", 6, say=lambda m: None)
+    assert again[0]["loss"] < 0.2
 
 
 def test_task_training_needs_a_looped_model():

@@ -49,6 +49,16 @@ def train_task(
         raise ConfigError("task training needs a looped model (model.core_layers > 0)")
     torch.manual_seed(cfg.train.seed)
     model = LoopedLM(cfg.model)
+    if cfg.train.init_from:  # e.g. a curriculum: the model trained at a smaller size
+        from safetensors.torch import load_file
+
+        from looped.checkpoint import WEIGHTS, load_weights
+
+        file = Path(cfg.train.init_from) / WEIGHTS
+        if not file.is_file():
+            raise ConfigError(f"train.init_from = {cfg.train.init_from}: no {WEIGHTS} there")
+        load_weights(model, load_file(str(file)), str(file))
+        say(f"weights from {cfg.train.init_from}")
     model.train()
     opts = build_optimizers(model, cfg.optim)
     sampler = LoopSampler(cfg.loops, cfg.train.seed, cfg.train.steps)
