@@ -157,3 +157,13 @@ def load_weights(model: LoopedLM, weights: dict[str, torch.Tensor], source: str)
                 f"{source}: weight '{key}' has shape {tuple(weights[key].shape)}, the config needs {tuple(tensor.shape)}"
             )
     model.load_state_dict(weights, strict=False)
+
+
+def init_weights_from(model: LoopedLM, path: str | Path) -> None:
+    """train.init_from: load a checkpoint's weights into a freshly built model (every weight must be present
+    and fit), then apply the model's constraints."""
+    file = Path(path) / WEIGHTS
+    if not file.is_file():
+        raise CheckpointError(f"train.init_from = {path}: no {WEIGHTS} there")
+    load_weights(model, load_file(str(file)), str(file))
+    model.constrain_()

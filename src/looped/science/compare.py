@@ -21,7 +21,7 @@ from pathlib import Path
 
 from looped.config import Config, ConfigError, from_dict, load_config
 from looped.model import accounting
-from looped.science.sweep import RESULTS, execute, finished_runs
+from looped.science.sweep import RESULTS, execute, finished_runs, read_results
 
 ROLES = ("looped", "params-matched", "flops-matched")
 
@@ -109,7 +109,7 @@ def compare(
     )
     grid = [job(role, lr, 0) for role in ROLES for lr in lrs]
     execute([j for j in grid if j[0] not in done], results, parallel, eval_loops, eval_windows, say)
-    records = _records(results)
+    records = read_results(results)
     best_lr = {}
     for role in ROLES:
         tried = {
@@ -124,7 +124,7 @@ def compare(
     done = finished_runs(results)
     more = [job(role, best_lr[role], s) for role in ROLES for s in range(1, seeds)]
     execute([j for j in more if j[0] not in done], results, parallel, eval_loops, eval_windows, say)
-    summary = summarize(_records(results), best_lr, seeds, mu, budget, lrs)
+    summary = summarize(read_results(results), best_lr, seeds, mu, budget, lrs)
     (out / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
     summary["plot"] = str(plot_compare(summary, out / "compare.png"))
     summary["out"] = str(out)
@@ -134,14 +134,6 @@ def compare(
 def _native(role: str, mu: int) -> int:
     """The loop count a model is judged at: μ for the looped model, 1 for a standard one (loops do nothing)."""
     return mu if role == "looped" else 1
-
-
-def _records(results: Path) -> list[dict]:
-    return (
-        [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-        if results.is_file()
-        else []
-    )
 
 
 def summarize(records: list[dict], best_lr: dict, seeds: int, mu: int, budget: str, lrs: list[float]) -> dict:

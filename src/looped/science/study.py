@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from looped.config import ConfigError, from_dict, load_config
-from looped.science.sweep import RESULTS, execute, finished_runs
+from looped.science.sweep import RESULTS, execute, finished_runs, read_results
 
 INJECTIONS = ("diagonal", "linear", "additive")
 SPECTRAL = {"none": [], "spectral": ["injection", "readout"]}
@@ -108,11 +108,7 @@ def study_stability(
         f"stability: {len(jobs)} runs ({len(injections)} injections × 2 × {len(lrs)} learning rates), {len(todo)} to run"
     )
     execute(todo, results, parallel, [], 0, say, worker=stability_run)
-    rows = (
-        [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-        if results.is_file()
-        else []
-    )
+    rows = read_results(results)
     names = {j[0] for j in jobs}
     rows = [r for r in rows if r["run"] in names]
     summary = {"lrs": lrs, "rows": rows}

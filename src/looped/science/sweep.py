@@ -136,6 +136,13 @@ def load_grid(path: str | Path) -> Grid:
     return grid
 
 
+def read_results(results: Path) -> list[dict]:
+    """Every record of a results.jsonl (none if it does not exist yet)."""
+    if not results.is_file():
+        return []
+    return [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+
+
 def finished_runs(results: Path) -> set[str]:
     """Names of runs that already have records (a resumed sweep skips them)."""
     if not results.is_file():

@@ -23,7 +23,7 @@ from looped.config import Config, ConfigError, from_dict, load_config
 from looped.model import accounting
 from looped.model.looped import LoopedLM
 from looped.science.compare import steps_for
-from looped.science.sweep import RESULTS, execute, finished_runs
+from looped.science.sweep import RESULTS, execute, finished_runs, read_results
 from looped.train.trainer import TrainResult, train
 
 
@@ -183,7 +183,7 @@ def study_transfer(
     grid += [job(f"standard_lr{lr:g}", budget, {"phase": "standard"}, lr) for lr in lrs]
     done = finished_runs(results)
     execute([j for j in grid if j[0] not in done], results, parallel, eval_loops, eval_windows, say)
-    best = _best_lrs(_records(results), mus)
+    best = _best_lrs(read_results(results), mus)
     missing = [k for k in [*mus, "standard"] if k not in best]
     if missing:
         raise ConfigError(
@@ -235,16 +235,10 @@ def study_transfer(
     )
     done = finished_runs(results)
     execute([j for j in later if j[0] not in done], results, parallel, eval_loops, eval_windows, say)
-    summary = summarize_transfer(_records(results), mus, mu0, lrs, budget, finetune_tokens)
+    summary = summarize_transfer(read_results(results), mus, mu0, lrs, budget, finetune_tokens)
     (out / "transfer.json").write_text(json.dumps(summary, indent=1) + "\n")
     summary["plot"] = str(plot_transfer(summary, out / "transfer.png"))
     return summary
-
-
-def _records(results: Path) -> list[dict]:
-    if not results.is_file():
-        return []
-    return [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
 
 
 def _judged_at(r: dict) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from looped.checkpoint import save
+from looped.checkpoint import init_weights_from, save
 from looped.config import Config, ConfigError, from_dict
 from looped.model.looped import LoopedLM
 from looped.tasks.generators import IGNORE, get_task
@@ -50,14 +50,7 @@ def train_task(
     torch.manual_seed(cfg.train.seed)
     model = LoopedLM(cfg.model)
     if cfg.train.init_from:  # e.g. a curriculum: the model trained at a smaller size
-        from safetensors.torch import load_file
-
-        from looped.checkpoint import WEIGHTS, load_weights
-
-        file = Path(cfg.train.init_from) / WEIGHTS
-        if not file.is_file():
-            raise ConfigError(f"train.init_from = {cfg.train.init_from}: no {WEIGHTS} there")
-        load_weights(model, load_file(str(file)), str(file))
+        init_weights_from(model, cfg.train.init_from)
         say(f"weights from {cfg.train.init_from}")
     model.train()
     opts = build_optimizers(model, cfg.optim)
@@ -65,9 +58,7 @@ def train_task(
     n, steps = cfg.train.global_batch, cfg.train.steps
     log, start = [], time.perf_counter()
     for step in range(steps):
-        for group in (g for o in opts.optimizers for g in o.param_groups):
-            group.setdefault("initial_lr", group["lr"])
-            group["lr"] = group["initial_lr"] * lr_factor(cfg.optim, step, steps)
+        opts.set_lr(lr_factor(cfg.optim, step, steps))
         x, y = t.batch(n, size, seed=step_seed(cfg.train.seed, step, stream=1))
         loops = sampler.draw(step, n)
         out = model(x, labels=y, loops=loops, backprop_loops=sampler.backprop_loops)

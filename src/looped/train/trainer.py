@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from looped.checkpoint import atomic_dir, write_model_files
+from looped.checkpoint import atomic_dir, init_weights_from, write_model_files
 from looped.config import Config, ConfigError, from_dict, to_toml
 from looped.data import DataError
 from looped.data.loader import Loader, TokenData, val_windows
@@ -213,7 +213,8 @@ def _train(cfg: Config, d: Dist, resume: bool) -> TrainResult:
     torch.manual_seed(tc.seed)
     model = LoopedLM(cfg.model)
     if tc.init_from and resume_from is None:
-        _init_from(model, tc.init_from, log)
+        init_weights_from(model, tc.init_from)
+        log.say(f"weights from {tc.init_from}")
     model.activation_checkpointing = tc.activation_checkpointing
     model.to(d.device)
     net = distributed.wrap(model, tc, d)
@@ -420,20 +421,6 @@ def _rho(model: LoopedLM) -> float | None:
 
 def _clip_value(cfg: Config) -> float:
     return cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-
-
-def _init_from(model: LoopedLM, path: str, log: _Log) -> None:
-    """Load a checkpoint's weights into the freshly built model: every weight must be present and fit."""
-    from safetensors.torch import load_file
-
-    from looped.checkpoint import WEIGHTS, CheckpointError, load_weights
-
-    file = Path(path) / WEIGHTS
-    if not file.is_file():
-        raise CheckpointError(f"train.init_from = {path}: no {WEIGHTS} there")
-    load_weights(model, load_file(str(file)), str(file))
-    model.constrain_()
-    log.say(f"weights from {path}")
 
 
 def _record(state: dict[str, Any], loader: Loader) -> dict[str, Any]:
