@@ -89,6 +89,14 @@ def test_set_parses_values(item, key, expected):
     assert type(value) is type(expected)
 
 
+def test_set_none_clears_an_optional_field_only():
+    cfg = load_config(["prefix-sums"], ["model.attn_window=none", "model.head_dim=None"])
+    assert cfg.model.attn_window is None and cfg.model.head_dim is None
+    assert load_config(overrides=["loops.curriculum=none"]).loops.curriculum == "none"  # a string value
+    with pytest.raises(ConfigError, match="width"):
+        load_config(overrides=["model.width=none"])
+
+
 def test_int_for_float_field_becomes_float():
     m = load_config(overrides=["model.rope_base=10000"]).model
     assert m.rope_base == 10000.0 and isinstance(m.rope_base, float)

@@ -159,11 +159,21 @@ def load_weights(model: LoopedLM, weights: dict[str, torch.Tensor], source: str)
     model.load_state_dict(weights, strict=False)
 
 
-def init_weights_from(model: LoopedLM, path: str | Path) -> None:
+def init_weights_from(model: LoopedLM, path: str | Path, grow_vocab: bool = False) -> None:
     """train.init_from: load a checkpoint's weights into a freshly built model (every weight must be present
-    and fit), then apply the model's constraints."""
+    and fit), then apply the model's constraints. With `grow_vocab`, a checkpoint with a smaller vocabulary
+    fits too: its embedding and head rows fill the first rows, the new tokens keep their fresh init (a
+    curriculum from one task to another that adds tokens, e.g. prefix sums → parity)."""
     file = Path(path) / WEIGHTS
     if not file.is_file():
         raise CheckpointError(f"train.init_from = {path}: no {WEIGHTS} there")
-    load_weights(model, load_file(str(file)), str(file))
+    weights = load_file(str(file))
+    if grow_vocab:
+        fresh = state_dict_for_save(model)
+        for key in ("embed.weight", "head.weight"):
+            old, new = weights.get(key), fresh.get(key)
+            if old is not None and new is not None and old.shape[1:] == new.shape[1:]:
+                if old.shape[0] < new.shape[0]:
+                    weights[key] = torch.cat([old, new[old.shape[0] :].to(old.dtype)])
+    load_weights(model, weights, str(file))
     model.constrain_()

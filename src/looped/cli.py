@@ -130,9 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--task",
         default=None,
-        help="train an encoder on an algorithmic task instead: prefix_sums, parity, addition, mazes",
+        help="train on a task instead: prefix_sums, parity, addition, mazes (algorithmic); digits, "
+        "moving_digits (vision); digit_names (two streams: image and text)",
     )
-    p.add_argument("--size", type=_positive, default=32, help="with --task: the training problem size")
+    p.add_argument(
+        "--size",
+        default=None,
+        help="with an algorithmic --task: the training problem size N, or LO:HI for a size drawn per step "
+        "(default 32)",
+    )
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="with --task: train the non-looped baseline instead (the same blocks, each run once)",
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue the run in train.out from its newest checkpoint"
     )
@@ -170,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="exact match on an algorithmic task (default: the one the checkpoint was trained on, if any)",
     )
     p.add_argument("--sizes", type=_int_list, default=None, help="with a task: problem sizes, e.g. 32,64,128")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="with a task: a non-looped checkpoint (looped train --task … --baseline) to show alongside",
+    )
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("generate", help="continue a prompt: fixed loops, adaptive exit or a latency budget")
@@ -292,16 +308,21 @@ def _train(args: argparse.Namespace) -> None:
     from looped.train.trainer import train
 
     if args.checkpoint is not None:
+        if "=" in args.checkpoint:
+            raise ValueError(
+                f"each --set takes one section.key=value: write --set before {args.checkpoint!r}"
+            )
         raise ValueError("looped train takes --preset/--config/--set, not a checkpoint directory")
     if args.task is not None:
-        from looped.tasks.generators import get_task
-        from looped.tasks.train import evaluate_task, format_task_table, train_task
+        from looped.tasks.train import after_training, baseline_config, parse_sizes, train_task
 
         cfg = load_config(args.files, args.set)
-        model, _ = train_task(cfg, args.task, args.size)
+        if args.baseline:
+            cfg = baseline_config(cfg)
+        sizes = parse_sizes(args.size) if args.size is not None else None
+        model, _ = train_task(cfg, args.task, sizes)
         mu = max(1, round(cfg.loops.mean_loops))
-        table = evaluate_task(model, args.task, [args.size], sorted({1, mu, 2 * mu}))
-        print(format_task_table(table, get_task(args.task).size_name))
+        print(after_training(model, args.task, sizes[1] if sizes else None, mu))
         if cfg.train.out:
             print(f"saved {cfg.train.out}/final")
         return
@@ -432,15 +453,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             import json
 
             from looped.science.evaluate import evaluate_checkpoint, format_eval
-            from looped.tasks.train import evaluate_task_checkpoint, format_task_table
+            from looped.tasks.train import evaluate_task_checkpoint, format_task_result
 
-            task = evaluate_task_checkpoint(args.checkpoint, args.task, args.sizes, args.loops, args.plot)
+            task = evaluate_task_checkpoint(
+                args.checkpoint, args.task, args.sizes, args.loops, args.plot, args.baseline
+            )
             if task is not None:
-                print(
-                    json.dumps(task, indent=2)
-                    if args.json
-                    else format_task_table(task["table"], task["size_name"])
-                )
+                print(json.dumps(task, indent=2) if args.json else format_task_result(task))
                 return 0
             result = evaluate_checkpoint(
                 args.checkpoint,

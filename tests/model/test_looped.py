@@ -34,6 +34,17 @@ def test_shapes_and_finite_loss(overrides):
         assert out.logits.abs().max() <= 5.0
 
 
+def test_embeds_equal_their_token_ids():
+    model = randomize_(LoopedLM(tiny(value_embeds=False))).eval()
+    x = ids()
+    want = model(x, loops=3).logits
+    assert torch.allclose(model(None, loops=3, embeds=model.embed(x)).logits, want, atol=1e-6)
+    with pytest.raises(ValueError, match="exactly one"):
+        model(x, embeds=model.embed(x))
+    with pytest.raises(ValueError, match="value embeddings"):
+        LoopedLM(tiny(value_embeds=True))(None, embeds=model.embed(x))
+
+
 def test_one_loop_equals_plain_stack():
     # Additive injection from a zero state, no prelude norm, no readout: one loop is exactly a plain stack of
     # prelude, core and coda blocks, which a standard model (core_layers = 0) built by the same code runs.

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from looped.checkpoint import load
-from looped.config import ConfigError, load_config
-from looped.tasks.train import evaluate_task, format_task_table, train_task
+from looped.config import load_config
+from looped.tasks.train import (
+    baseline_config,
+    evaluate_task,
+    format_task_table,
+    parse_sizes,
+    step_size,
+    train_task,
+)
 
 SETS = [
     "model.width=48",
@@ -43,10 +50,33 @@ def test_tiny_model_learns_small_prefix_sums(tmp_path):
     assert again[0]["loss"] < 0.2
 
 
-def test_task_training_needs_a_looped_model():
-    cfg = load_config(["debug"], ["model.core_layers=0", "train.steps=1"])
-    with pytest.raises(ConfigError, match="looped model"):
-        train_task(cfg, "parity", 4, say=lambda m: None)
+def test_size_ranges_and_the_baseline_config():
+    assert parse_sizes("20") == (20, 20) and parse_sizes("2:20") == (2, 20)
+    for bad in ("0", "9:3", "a:b"):
+        with pytest.raises(ValueError, match="--size"):
+            parse_sizes(bad)
+    drawn = {step_size("parity", (2, 20), 0, step) for step in range(200)}
+    assert drawn == set(range(2, 21))  # every size in the range, none outside
+    assert {step_size("mazes", (5, 11), 0, step) for step in range(100)} == {5, 7, 9, 11}
+    cfg = load_config(["prefix-sums"], [])
+    base = baseline_config(cfg)
+    assert not base.model.looped and base.model.n_layers == 3 == cfg.model.n_layers
+    assert base.model.attn_window == cfg.model.attn_window
+
+
+def test_curriculum_from_prefix_sums_to_parity_grows_the_vocabulary(tmp_path):
+    """init_from a model with fewer tokens: the shared rows are copied, the query token keeps its init."""
+    src = tmp_path / "ps"
+    cfg = load_config(["debug"], [*SETS, "train.steps=2", f"train.out={src}"])
+    ps, _ = train_task(cfg, "prefix_sums", 4, say=lambda m: None)
+    more = load_config(
+        ["debug"], [*SETS, "train.steps=1", "optim.lr=1e-12", f"train.init_from={src / 'final'}"]
+    )
+    par, _ = train_task(more, "parity", (2, 6), say=lambda m: None)
+    assert par.embed.weight.shape[0] == 4 and ps.embed.weight.shape[0] == 2
+    assert torch.allclose(par.embed.weight[:2], ps.embed.weight, atol=1e-6)
+    assert torch.allclose(par.head.weight[:2], ps.head.weight, atol=1e-6)
+    assert torch.allclose(par.core[0].attn.wq.weight, ps.core[0].attn.wq.weight, atol=1e-6)
 
 
 def test_cli_train_and_eval_a_task(tmp_path, capsys):
@@ -74,5 +104,17 @@ def test_cli_train_and_eval_a_task(tmp_path, capsys):
     assert result["task"] == "parity" and result["train_size"] == 4  # the task comes from the checkpoint
     assert set(result["table"]) == {"4", "8"} and set(result["table"]["8"]) == {"1", "2", "4", "8"}
     assert plot.read_bytes()[:4] == b"\x89PNG"
+    # the non-looped baseline trains with the same command and shows as a column of its own
+    base = tmp_path / "base"
+    argv = ["train", "--preset", "debug", "--task", "parity", "--size", "2:4", "--baseline"]
+    assert main([*argv, *[a for s in [*sets[:-2], f"train.out={base}"] for a in ("--set", s)]]) == 0
+    assert "T=1" in capsys.readouterr().out
+    assert load(base / "final").cfg.core_layers == 0
+    argv = ["eval", str(out / "final"), "--loops", "1,2", "--sizes", "4,8", "--baseline", str(base / "final")]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[-1] == "baseline" and len(lines) == 3 and lines[2].endswith("%")
+    assert main(["eval", str(out / "final"), "--loops", "1", "--baseline", str(out / "final")]) == 2
+    assert "looped model" in capsys.readouterr().err
     assert main(["eval", str(out / "final"), "--task", "sudoku"]) == 2
     assert "unknown task" in capsys.readouterr().err

@@ -152,8 +152,19 @@ def load_config(files: typing.Sequence[str | Path] = (), overrides: typing.Seque
         if "." not in dotted:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. model.width=256")
         section, key = dotted.strip().split(".", 1)
-        _set_in(tree, section, key, _parse_value(text.strip()), "--set")
+        value = _parse_value(text.strip())
+        if value in ("none", "None") and _optional(section, key):
+            value = None  # TOML has no null: `--set model.attn_window=none` clears an optional field
+        _set_in(tree, section, key, value, "--set")
     return from_dict(tree)
+
+
+def _optional(section: str, key: str) -> bool:
+    """Whether section.key may be None (and "none" is not one of its string values)."""
+    cls = Config.SECTIONS.get(section)
+    hints = typing.get_type_hints(cls) if cls is not None else {}
+    args = typing.get_args(hints.get(key))
+    return type(None) in args and not any("none" in typing.get_args(a) for a in args)
 
 
 def from_dict(tree: dict[str, dict[str, Any]]) -> Config:

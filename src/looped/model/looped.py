@@ -112,26 +112,29 @@ class LoopedLM(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         labels: torch.Tensor | None = None,
         loops: int | torch.Tensor | None = None,
         backprop_loops: int | None = None,
+        embeds: torch.Tensor | None = None,
     ) -> LoopedOutput:
         """Run the model.
 
         Args:
-            input_ids: (B, S) token ids.
+            input_ids: (B, S) token ids, or None with `embeds`.
             labels: (B, S) targets (already shifted); -100 is ignored.
             loops: loop count T, an int or a (B,) LongTensor giving each sequence its own depth.
                 None uses `cfg.loops`; the depth is never random unless the caller samples it.
             backprop_loops: k, how many of the last loops carry gradients (per sequence min(T_b, k));
                 earlier loops run without autograd. None means all loops.
+            embeds: (B, S, D) inputs already embedded (image patches, another stream's states) instead of
+                input_ids; the token embedding is skipped. Not with value embeddings, which need ids.
         """
-        x, rope, ves = self.encode(input_ids)
+        x, rope, ves = self.encode(input_ids, embeds)
         loop_counts = norms = None
         if self.cfg.looped:
             e = self.prelude_norm(x) if self.prelude_norm is not None else x
-            loop_counts = self._loop_counts(loops, input_ids.shape[0], input_ids.device)
+            loop_counts = self._loop_counts(loops, x.shape[0], x.device)
             x, norms, _ = self.iterate(e, rope, ves, loop_counts, backprop_loops)
             if self.readout is not None:
                 x = self.readout(x)
@@ -147,14 +150,26 @@ class LoopedLM(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         return LoopedOutput(logits=logits, loss=loss, loops=loop_counts, state_norms=norms)
 
-    def encode(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
-        """Embed and run the prelude; returns (prelude output (B, S, D), rotary table, value embeddings by layer)."""
-        S = input_ids.shape[1]
+    def encode(
+        self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """Embed (or take `embeds`) and run the prelude; returns (prelude output (B, S, D), rotary table,
+        value embeddings by layer)."""
+        if (input_ids is None) == (embeds is None):
+            raise ValueError("give exactly one of input_ids and embeds")
+        if embeds is not None and len(self.value_embeds):
+            raise ValueError(
+                "embeds cannot be used with value embeddings (model.value_embeds), which need ids"
+            )
+        S = (input_ids if input_ids is not None else embeds).shape[1]
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
         rope = self.rope[:, :S]
-        ves = {int(i): emb(input_ids) for i, emb in self.value_embeds.items()}
-        x = self.embed(input_ids)  # (B, S, D)
+        if embeds is not None:
+            ves, x = {}, embeds
+        else:
+            ves = {int(i): emb(input_ids) for i, emb in self.value_embeds.items()}
+            x = self.embed(input_ids)  # (B, S, D)
         for i, block in enumerate(self.prelude):
             x = block(x, rope, ves.get(i))
         return x, rope, ves

@@ -16,12 +16,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from looped.checkpoint import init_weights_from, save
 from looped.config import Config, ConfigError, from_dict
+from looped.model import accounting
 from looped.model.looped import LoopedLM
-from looped.tasks.generators import IGNORE, get_task
+from looped.tasks.generators import IGNORE, TASKS, check_size, get_task
 from looped.train.optim import build_optimizers, lr_factor
 from looped.train.sampler import LoopSampler, step_seed
 
@@ -38,29 +40,129 @@ def task_config(cfg: Config, task: str) -> Config:
     return from_dict(tree)
 
 
+def baseline_config(cfg: Config) -> Config:
+    """The non-looped baseline of `cfg`: the same blocks run once each (prelude, core, coda in a row), so the
+    same parameters less the injection and readout, and no recurrence to run longer at test time."""
+    m = cfg.model
+    tree = cfg.to_dict()
+    tree["model"] = accounting.standard_config(m, m.prelude_layers + m.core_layers + m.coda_layers).to_dict()
+    return from_dict(tree)
+
+
+def parse_sizes(text: str) -> tuple[int, int]:
+    """`--size` for training: "N" (every problem of size N) or "LO:HI" (a size drawn per step, both included)."""
+    lo, sep, hi = text.partition(":")
+    try:
+        sizes = (int(lo), int(hi)) if sep else (int(lo), int(lo))
+    except ValueError:
+        raise ValueError(f"--size: expected N or LO:HI, got {text!r}") from None
+    if not 1 <= sizes[0] <= sizes[1]:
+        raise ValueError(f"--size: need 1 ≤ LO ≤ HI, got {text!r}")
+    return sizes
+
+
+def step_size(task: str, sizes: tuple[int, int], seed: int, step: int) -> int:
+    """The problem size of one training step: uniform over sizes[0]..sizes[1] (odd ones only for mazes)."""
+    lo, hi = sizes
+    if lo == hi:
+        return lo
+    rng = np.random.default_rng(step_seed(seed, step, stream=2))
+    if task == "mazes":
+        return int(rng.choice(np.arange(lo | 1, hi + 1, 2)))
+    return int(rng.integers(lo, hi + 1))
+
+
+def check_task(task: str) -> None:
+    from looped.tasks import multimodal, vision
+
+    known = [*TASKS, *vision.VISION_TASKS, *multimodal.MULTIMODAL_TASKS]
+    if task not in known:
+        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(known)}")
+
+
 def train_task(
-    cfg: Config, task: str, size: int, say: Callable[[str], None] = print
-) -> tuple[LoopedLM, list[dict]]:
-    """Train an encoder for `task` at problem size `size` for train.steps steps of train.global_batch
-    problems; returns the model and the logged records. Saves to train.out/final when train.out is set."""
-    t = get_task(task)
-    cfg = task_config(cfg, task)
-    if not cfg.model.looped:
-        raise ConfigError("task training needs a looped model (model.core_layers > 0)")
-    torch.manual_seed(cfg.train.seed)
-    model = LoopedLM(cfg.model)
-    if cfg.train.init_from:  # e.g. a curriculum: the model trained at a smaller size
-        init_weights_from(model, cfg.train.init_from)
+    cfg: Config, task: str, size: int | tuple[int, int] | None = None, say: Callable[[str], None] = print
+) -> tuple[torch.nn.Module, list[dict]]:
+    """Train a model for `task` for train.steps steps of train.global_batch examples; returns the model and
+    the logged records, and saves to train.out/final when train.out is set.
+
+    Algorithmic tasks train at problem size `size` (or a size drawn per step from the range (lo, hi)); the
+    vision and multimodal tasks (`looped.tasks.vision`, `looped.tasks.multimodal`) have no size. A
+    non-looped model (core_layers = 0) trains too, as the baseline; its loop counts are ignored."""
+    from looped.tasks import multimodal, vision
+
+    check_task(task)
+    if task in vision.VISION_TASKS or task in multimodal.MULTIMODAL_TASKS:
+        if size is not None:
+            raise ConfigError(f"{task} has no problem size; drop --size")
+        torch.manual_seed(cfg.train.seed)
+        if task in vision.VISION_TASKS:
+            vt = vision.VISION_TASKS[task]
+            model: torch.nn.Module = vision.LoopedViT(cfg.model, vt)
+            make, score = vt.batch, vision.accuracy
+        else:
+            model = multimodal.TwoStreamModel(cfg.model)
+            make, score = multimodal.batch, multimodal.score
+
+        def draw(step: int, n: int) -> tuple:
+            return (*make("train", n, seed=step_seed(cfg.train.seed, step, stream=1)), "")
+
+        run = {"task": task}
+    else:
+        t = get_task(task)
+        sizes = (32, 32) if size is None else (size, size) if isinstance(size, int) else tuple(size)
+        for s_ in sizes:
+            check_size(t, s_)
+        cfg = task_config(cfg, task)
+        torch.manual_seed(cfg.train.seed)
+        model = LoopedLM(cfg.model)
+
+        def draw(step: int, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+            size = step_size(task, sizes, cfg.train.seed, step)
+            x, y = t.batch(n, size, seed=step_seed(cfg.train.seed, step, stream=1))
+            return x, y, f" at size {size}"
+
+        def score(logits: torch.Tensor, y: torch.Tensor) -> float:
+            return ((logits.argmax(-1) == y) | (y == IGNORE)).all(dim=1).float().mean().item()
+
+        run = {"task": task, "train_size": sizes[1], "train_sizes": list(sizes)}
+    if cfg.train.init_from:  # a curriculum: the model trained at a smaller size, or on another task
+        init_weights_from(model, cfg.train.init_from, grow_vocab=True)
         say(f"weights from {cfg.train.init_from}")
+    log = fit(model, cfg, draw, score, say)
+    if cfg.train.out:
+        save(model, Path(cfg.train.out) / "final", cfg, **run)
+        (Path(cfg.train.out) / "task_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    return model, log
+
+
+def fit(
+    model: torch.nn.Module,
+    cfg: Config,
+    draw: Callable[[int, int], tuple],
+    score: Callable[[torch.Tensor, torch.Tensor], float],
+    say: Callable[[str], None] = print,
+) -> list[dict]:
+    """The task training loop: `draw(step, n)` gives (inputs, targets, a note for the log); a loop count per
+    example from the [loops] sampler (for a looped model; one per stream for a model with `streams` = 2),
+    gradients through the last k loops, the [optim] schedule, a record of loss and `score` twenty times a
+    run. Leaves the model in eval mode."""
+    looped = model.cfg.looped
     model.train()
     opts = build_optimizers(model, cfg.optim)
-    sampler = LoopSampler(cfg.loops, cfg.train.seed, cfg.train.steps)
+    samplers = [
+        LoopSampler(cfg.loops, cfg.train.seed + i, cfg.train.steps)
+        for i in range(getattr(model, "streams", 1))
+    ]
+    sampler = samplers[0]
     n, steps = cfg.train.global_batch, cfg.train.steps
     log, start = [], time.perf_counter()
     for step in range(steps):
         opts.set_lr(lr_factor(cfg.optim, step, steps))
-        x, y = t.batch(n, size, seed=step_seed(cfg.train.seed, step, stream=1))
-        loops = sampler.draw(step, n)
+        x, y, note = draw(step, n)
+        loops = [s.draw(step, n) for s in samplers] if looped else None
+        if loops is not None and len(loops) == 1:
+            loops = loops[0]
         out = model(x, labels=y, loops=loops, backprop_loops=sampler.backprop_loops)
         if not torch.isfinite(out.loss):
             raise ConfigError(f"task training: non-finite loss at step {step}; lower optim.lr")
@@ -72,22 +174,13 @@ def train_task(
         model.constrain_()
         if step % max(1, steps // 20) == 0 or step == steps - 1:
             with torch.no_grad():
-                pred = out.logits.argmax(-1)
-                exact = ((pred == y) | (y == IGNORE)).all(dim=1).float().mean().item()
-            rec = {
-                "step": step,
-                "loss": out.loss.item(),
-                "exact": exact,
-                "seconds": time.perf_counter() - start,
-            }
+                right = score(out.logits, y)
+            rec = {"step": step, "loss": out.loss.item(), "score": right, "note": note.strip()}
+            rec["seconds"] = time.perf_counter() - start
             log.append(rec)
-            say(f"step {step}: loss {rec['loss']:.4f}, exact match {exact:.1%} at size {size}")
+            say(f"step {step}: loss {rec['loss']:.4f}, right {right:.1%}{note}")
     model.eval()
-    if cfg.train.out:
-        final = Path(cfg.train.out) / "final"
-        save(model, final, cfg, task=task, train_size=size)
-        (Path(cfg.train.out) / "task_log.json").write_text(json.dumps(log, indent=1) + "\n")
-    return model, log
+    return log
 
 
 @torch.no_grad()
@@ -122,12 +215,45 @@ def evaluate_task(
     return table
 
 
-def format_task_table(table: dict[int, dict[int, float]], size_name: str) -> str:
+def format_task_table(
+    table: dict[int, dict[int, float]], size_name: str, baseline: dict[int, float] | None = None
+) -> str:
+    """Exact match by size (rows) and loops (columns); with `baseline`, the non-looped model's column last."""
     loops = sorted({t for row in table.values() for t in row})
-    lines = [f"{size_name:>14} " + " ".join(f"{f'T={t}':>7}" for t in loops)]
+    head = f"{size_name:>14} " + " ".join(f"{f'T={t}':>7}" for t in loops)
+    lines = [head + (f" {'baseline':>9}" if baseline is not None else "")]
     for size, row in table.items():
-        lines.append(f"{size:>14} " + " ".join(f"{row.get(t, math.nan):>7.1%}" for t in loops))
+        line = f"{size:>14} " + " ".join(f"{row.get(t, math.nan):>7.1%}" for t in loops)
+        if baseline is not None:
+            line += f" {baseline.get(size, math.nan):>9.1%}"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def load_task_model(checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
+    """A task checkpoint (`looped train --task`) and its run.json: a LoopedLM encoder, a LoopedViT or a
+    TwoStreamModel, by the task it was trained on."""
+    from looped.checkpoint import RUN, load, load_config_dir, load_weights
+    from looped.tasks import multimodal, vision
+
+    run_file = Path(checkpoint) / RUN
+    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    task = run.get("task")
+    if task in vision.VISION_TASKS or task in multimodal.MULTIMODAL_TASKS:
+        from safetensors.torch import load_file
+
+        cfg = load_config_dir(checkpoint)
+        if task in vision.VISION_TASKS:
+            model: torch.nn.Module = vision.LoopedViT(cfg.model, vision.VISION_TASKS[task])
+        else:
+            model = multimodal.TwoStreamModel(cfg.model)
+        file = Path(checkpoint) / "model.safetensors"
+        load_weights(model, load_file(str(file)), str(file))
+        return model.eval(), run
+    model = load(checkpoint)
+    if model.cfg.causal:
+        raise ConfigError(f"{checkpoint} is a language model, not a task model (train one with --task)")
+    return model, run
 
 
 def evaluate_task_checkpoint(
@@ -136,32 +262,126 @@ def evaluate_task_checkpoint(
     sizes: list[int] | None,
     loops: list[int],
     plot: str | None = None,
+    baseline: str | Path | None = None,
 ) -> dict | None:
-    """`looped eval` on a task checkpoint: exact match at `sizes` × `loops` (sizes default: 1×, 2× and 4× the
-    training size). None when neither `task` is given nor the checkpoint was trained on one."""
-    from looped.checkpoint import load
+    """`looped eval` on a task checkpoint. None when neither `task` is given nor the checkpoint was trained on
+    one. Algorithmic tasks: exact match at `sizes` × `loops` (sizes default: 1×, 2× and 4× the training
+    size); vision: test accuracy at `loops`; digit_names: writing and reading accuracy on the grid `loops` ×
+    `loops` (vision × text). With `baseline` (a non-looped checkpoint, `looped train --task … --baseline`),
+    its accuracy at the same sizes."""
+    from looped.checkpoint import RUN
+    from looped.tasks import multimodal, vision
 
-    run_file = Path(checkpoint) / "run.json"
+    run_file = Path(checkpoint) / RUN
     run = json.loads(run_file.read_text()) if run_file.is_file() else {}
     task = task or run.get("task")
     if task is None:
         return None
-    t = get_task(task)
-    if sizes is None:
-        base = int(run.get("train_size", 8))
-        sizes = [base, 2 * base, 4 * base] if task != "mazes" else [base, 2 * base + 1, 4 * base + 1]
-    model = load(checkpoint)
-    if model.cfg.causal:
-        raise ConfigError(f"{checkpoint} is a language model, not a task encoder (train one with --task)")
-    table = evaluate_task(model, task, sizes, loops)
-    out = {"task": task, "size_name": t.size_name, "train_size": run.get("train_size"), "table": table}
+    check_task(task)
+    if run.get("task") not in (None, task):
+        raise ConfigError(f"{checkpoint} was trained on {run['task']}, not {task}")
+    model, run = load_task_model(checkpoint)
+    if task in multimodal.MULTIMODAL_TASKS:
+        grid = multimodal.evaluate_multimodal(model, loops, loops)
+        out: dict = {"task": task, "kind": "multimodal", "grid": grid}
+        if plot:
+            out["plot"] = str(plot_grid(grid, task, Path(plot)))
+        return out
+
+    def measure(m: torch.nn.Module, ts: list[int]) -> dict:
+        if task in vision.VISION_TASKS:
+            return vision.evaluate_vision(m, ts)
+        return evaluate_task(m, task, sizes, ts)
+
+    if task in vision.VISION_TASKS:
+        size_name = "split"
+    else:
+        size_name = get_task(task).size_name
+        if sizes is None:
+            base = int(run.get("train_size", 8))
+            sizes = [base, 2 * base, 4 * base] if task != "mazes" else [base, 2 * base + 1, 4 * base + 1]
+    table = measure(model, loops)
+    out = {"task": task, "kind": "table", "size_name": size_name, "train_size": run.get("train_size")}
+    out["table"] = table
+    if baseline is not None:
+        base_model, _ = load_task_model(baseline)
+        if base_model.cfg.looped:
+            raise ConfigError(f"--baseline {baseline} is a looped model; train one with --baseline")
+        out["baseline"] = {size: row[1] for size, row in measure(base_model, [1]).items()}
     if plot:
-        out["plot"] = str(plot_task(table, t.size_name, task, Path(plot)))
+        out["plot"] = str(plot_task(table, size_name, task, Path(plot), out.get("baseline")))
     return out
 
 
-def plot_task(table: dict[int, dict[int, float]], size_name: str, task: str, path: Path) -> Path:
-    """Exact match against loops (log₂ axis), one line per problem size."""
+def after_training(model: torch.nn.Module, task: str, size: int | None, mu: int) -> str:
+    """The table `looped train --task` prints at the end: accuracy at 1, μ and 2μ loops (at the training
+    size for an algorithmic task; on the test split otherwise)."""
+    from looped.tasks import multimodal, vision
+
+    loops = sorted({1, mu, 2 * mu}) if model.cfg.looped else [1]
+    if task in multimodal.MULTIMODAL_TASKS:
+        result = {"kind": "multimodal", "grid": multimodal.evaluate_multimodal(model, loops, loops)}
+    elif task in vision.VISION_TASKS:
+        result = {"kind": "table", "size_name": "split", "table": vision.evaluate_vision(model, loops)}
+    else:
+        table = evaluate_task(model, task, [size or 32], loops)
+        result = {"kind": "table", "size_name": get_task(task).size_name, "table": table}
+    return format_task_result(result)
+
+
+def format_task_result(result: dict) -> str:
+    """The text `looped eval` prints for a task checkpoint."""
+    if result["kind"] == "multimodal":
+        parts = []
+        for kind, grid in result["grid"].items():
+            texts = sorted({t for row in grid.values() for t in row})
+            lines = [f"{kind}: exact match, rows vision loops, columns text loops"]
+            lines.append(f"{'':>8} " + " ".join(f"{f'T={t}':>7}" for t in texts))
+            for tv, row in grid.items():
+                lines.append(f"{f'T={tv}':>8} " + " ".join(f"{row[t]:>7.1%}" for t in texts))
+            parts.append("\n".join(lines))
+        return "\n\n".join(parts)
+    return format_task_table(result["table"], result["size_name"], result.get("baseline"))
+
+
+def plot_grid(grid: dict[str, dict[int, dict[int, float]]], task: str, path: Path) -> Path:
+    """One heat map per kind of answer: accuracy against vision loops (rows) and text loops (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(grid), figsize=(4.6 * len(grid), 4), dpi=120)
+    for ax, (kind, rows) in zip(np.atleast_1d(axes), grid.items(), strict=True):
+        tv = sorted(rows)
+        tt = sorted({t for row in rows.values() for t in row})
+        values = np.array([[100 * rows[a][b] for b in tt] for a in tv])
+        im = ax.imshow(values, origin="lower", cmap="viridis", vmin=0, vmax=100)
+        for i in range(len(tv)):
+            for j in range(len(tt)):
+                ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center", color="w", fontsize=8)
+        ax.set_xticks(range(len(tt)), [str(t) for t in tt])
+        ax.set_yticks(range(len(tv)), [str(t) for t in tv])
+        ax.set_xlabel("text loops")
+        ax.set_ylabel("vision loops")
+        ax.set_title(f"{task}: {kind} (exact match %)")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_task(
+    table: dict[int, dict[int, float]],
+    size_name: str,
+    task: str,
+    path: Path,
+    baseline: dict[int, float] | None = None,
+) -> Path:
+    """Exact match against loops (log₂ axis), one line per problem size; the non-looped baseline at each size
+    as a dashed line of the same colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,12 +390,14 @@ def plot_task(table: dict[int, dict[int, float]], size_name: str, task: str, pat
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for size, row in table.items():
         xs = sorted(row)
-        ax.plot(xs, [100 * row[x] for x in xs], marker="o", label=f"{size} {size_name}")
+        (line,) = ax.plot(xs, [100 * row[x] for x in xs], marker="o", label=f"{size} {size_name}")
+        if baseline is not None and size in baseline:
+            ax.axhline(100 * baseline[size], color=line.get_color(), linestyle="--", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("loops T at test time")
     ax.set_ylabel("exact match (%)")
     ax.set_ylim(-2, 102)
-    ax.set_title(task)
+    ax.set_title(task + ("  (dashed: non-looped baseline)" if baseline else ""))
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -16,14 +16,18 @@ _HIDDEN_PREFIXES = ("prelude.", "core.", "coda.", "readout.")
 
 
 def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(hidden matrices, everything else); a tied weight appears once."""
+    """(hidden matrices, everything else); a tied weight appears once. A LoopedLM inside another module (the
+    vision and multimodal models' `body`, `vision`, `text`) is recognised by its parts' names."""
     hidden, rest, seen = [], [], set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         name = name.removeprefix("module.")  # DDP
-        (hidden if p.ndim == 2 and name.startswith(_HIDDEN_PREFIXES) else rest).append(p)
+        inner = any(name.startswith(w) for w in _HIDDEN_PREFIXES) or any(
+            f".{w}" in name for w in _HIDDEN_PREFIXES
+        )
+        (hidden if p.ndim == 2 and inner else rest).append(p)
     return hidden, rest
 
 
