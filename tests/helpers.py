@@ -125,3 +125,15 @@ def losses(run_dir: Path) -> dict[int, float]:
         if "loss" in rec:
             out[rec["step"]] = rec["loss"]
     return out
+
+
+# a small [model] for the vision and two-stream task tests: 1/1/1 blocks at width 32
+SMALL_STREAM_SETS = [
+    "model.width=32",
+    "model.n_heads=2",
+    "model.prelude_layers=1",
+    "model.core_layers=1",
+    "model.coda_layers=1",
+    "loops.mean_loops=2",
+    "loops.backprop_loops=2",
+]

@@ -9,7 +9,9 @@ import torch
 from helpers import ids, randomize_, tiny
 
 from looped import LoopedLM
+from looped.config import ConfigError
 from looped.model.accounting import standard_config
+from looped.model.layers import rope_grid_table, rope_table
 
 
 @pytest.mark.parametrize(
@@ -234,3 +236,39 @@ def test_attention_window_passes_information_on_one_window_per_layer():
             ] > 0  # unreached rows are bit-identical
         reach = 2 + loops
         assert changed[max(0, 12 - reach) :].all() and not changed[: max(0, 12 - reach)].any()
+
+
+def test_grid_layout_passes_information_on_in_two_dimensions():
+    """layout = grid, attn_window = 1, 1/1/1 layers: a changed cell reaches the cells within 2 + T rows and
+    columns after T loops, at any side, and the rotary table turns half the pairs by row, half by column."""
+    cfg = tiny(
+        causal=False,
+        attn_window=1,
+        layout="grid",
+        max_seq_len=128,
+        prelude_layers=1,
+        core_layers=1,
+        coda_layers=1,
+        value_embeds=False,
+    )
+    torch.manual_seed(0)
+    model = randomize_(LoopedLM(cfg)).eval()
+    for side in (5, 9):
+        x = ids(1, side * side, vocab=97)
+        y = x.clone()
+        y[0, side + 1] = (y[0, side + 1] + 1) % 97  # cell (1, 1)
+        for loops in (1, 2):
+            with torch.no_grad():
+                diff = (model(x, loops=loops).logits - model(y, loops=loops).logits).abs().amax(-1)[0]
+            reach = 2 + loops
+            r, c = torch.arange(side * side) // side, torch.arange(side * side) % side
+            near = ((r - 1).abs() <= reach) & ((c - 1).abs() <= reach)
+            assert torch.equal(diff > 0, near)
+    with pytest.raises(ValueError, match="square"):
+        model(ids(1, 10, vocab=97))
+    table = rope_grid_table(8, 3, 10000.0)
+    one_d = rope_table(4, 3, 10000.0)
+    assert table.shape == (2, 9, 4)
+    assert torch.equal(table[:, 5, :2], one_d[:, 1]) and torch.equal(table[:, 5, 2:], one_d[:, 2])  # (1, 2)
+    with pytest.raises(ConfigError, match="grid"):
+        tiny(layout="grid")  # a causal model

@@ -5,21 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from helpers import SMALL_STREAM_SETS
 
 from looped.config import load_config
 from looped.tasks import multimodal as mm
 from looped.tasks.generators import IGNORE
 from looped.tasks.train import train_task
 
-SETS = [
-    "model.width=32",
-    "model.n_heads=2",
-    "model.prelude_layers=1",
-    "model.core_layers=1",
-    "model.coda_layers=1",
-    "loops.mean_loops=2",
-    "loops.backprop_loops=2",
-]
+SETS = SMALL_STREAM_SETS
 
 
 def test_examples_write_and_read_the_name():

@@ -46,6 +46,12 @@ class ModelConfig(Section):
         "Attend only to positions at most this far away (a band); None: all. Local attention makes an encoder "
         "pass information on through loops rather than in one long look (looped.tasks).",
     )
+    layout: Literal["sequence", "grid"] = doc(
+        "sequence",
+        "Token positions: sequence (RoPE by index), or grid: the S inputs are a √S × √S square in row-major "
+        "order, RoPE turns half of each head's channel pairs by row and half by column, and attn_window "
+        "bounds |Δrow| and |Δcolumn| (an encoder for mazes; any side at test time).",
+    )
     value_embeds: bool = doc(False, "Gated value embeddings on alternating layers (last layer included).")
     value_embed_layers: list[int] | None = doc(
         None,
@@ -87,6 +93,12 @@ class ModelConfig(Section):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.layout == "grid" and (self.causal or self.dim_head % 4):
+            raise ConfigError(
+                "model.layout = 'grid' needs an encoder (model.causal = false) and a head width divisible by 4 "
+                f"(rows and columns take half the rotary pairs each), got causal = {self.causal}, head width "
+                f"{self.dim_head}"
+            )
         if self.attn_window is not None and self.attn_window < 1:
             raise ConfigError(f"model.attn_window must be ≥ 1 (or None), got {self.attn_window}")
         for name in ("prelude_layers", "core_layers", "coda_layers"):

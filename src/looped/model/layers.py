@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -80,6 +81,24 @@ def rope_table(head_dim: int, max_len: int, base: float, device: torch.device | 
     return torch.stack([angle.cos(), angle.sin()]).float()
 
 
+def grid_side(length: int) -> int:
+    """The side of the square a grid-layout input of `length` tokens forms."""
+    side = math.isqrt(length)
+    if side * side != length:
+        raise ValueError(f"model.layout = 'grid' needs a square input: {length} tokens is not a side²")
+    return side
+
+
+def rope_grid_table(head_dim: int, side: int, base: float) -> torch.Tensor:
+    """A rotary table for a side × side grid in row-major order: the first half of the channel pairs turn
+    with the row, the second half with the column (each half with its own frequencies, as a head of
+    head_dim / 2). Shape (2, side², head_dim // 2), like `rope_table`."""
+    half = rope_table(head_dim // 2, side, base)  # (2, side, head_dim // 4)
+    rows = half[:, :, None].expand(2, side, side, head_dim // 4)
+    cols = half[:, None, :].expand(2, side, side, head_dim // 4)
+    return torch.cat([rows, cols], dim=-1).reshape(2, side * side, head_dim // 2)
+
+
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs (2i, 2i+1) of x (B, S, H, hd) by the angles in table (2, S, hd/2).
 
@@ -111,6 +130,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.dim_head
         self.qk_norm, self.causal, self.window = cfg.qk_norm, cfg.causal, cfg.attn_window
+        self.grid = cfg.layout == "grid"
         self.wq = nn.Linear(cfg.width, self.n_heads * self.hd, bias=False)
         self.wk = nn.Linear(cfg.width, self.n_kv * self.hd, bias=False)
         self.wv = nn.Linear(cfg.width, self.n_kv * self.hd, bias=False)
@@ -137,7 +157,14 @@ class Attention(nn.Module):
             q, k = rms_norm(q), rms_norm(k)
         if kv is None:
             band = None
-            if self.window is not None:  # |i − j| ≤ window (and j ≤ i when causal)
+            if self.window is not None and self.grid:  # |Δrow| ≤ window and |Δcolumn| ≤ window
+                side = grid_side(S)
+                pos = torch.arange(S, device=x.device)
+                r, c = pos // side, pos % side
+                band = ((r[:, None] - r[None, :]).abs() <= self.window) & (
+                    (c[:, None] - c[None, :]).abs() <= self.window
+                )
+            elif self.window is not None:  # |i − j| ≤ window (and j ≤ i when causal)
                 pos = torch.arange(S, device=x.device)
                 offset = pos[:, None] - pos[None, :]  # (S, S)
                 band = (offset.abs() <= self.window) & ((offset >= 0) | (not self.causal))

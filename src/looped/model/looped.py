@@ -14,7 +14,7 @@ from looped.config import ModelConfig
 from looped.model import accounting
 from looped.model.block import Block
 from looped.model.injection import SpectralConstraint, make_injection, sigma_max
-from looped.model.layers import RMSNorm, rope_table
+from looped.model.layers import RMSNorm, grid_side, rope_grid_table, rope_table
 
 
 @dataclass
@@ -73,6 +73,7 @@ class LoopedLM(nn.Module):
         self.register_buffer(
             "rope", rope_table(cfg.dim_head, cfg.max_seq_len, cfg.rope_base), persistent=False
         )
+        self._grid_tables: dict[int, torch.Tensor] = {}  # model.layout = "grid": rotary tables by side
         # Set by the trainer (a memory/compute trade-off, not part of the architecture).
         self.activation_checkpointing = False
         self._state_table: torch.Tensor | None = (
@@ -164,7 +165,7 @@ class LoopedLM(nn.Module):
         S = (input_ids if input_ids is not None else embeds).shape[1]
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
-        rope = self.rope[:, :S]
+        rope = self.rope[:, :S] if self.cfg.layout == "sequence" else self._grid_rope(S)
         if embeds is not None:
             ves, x = {}, embeds
         else:
@@ -173,6 +174,14 @@ class LoopedLM(nn.Module):
         for i, block in enumerate(self.prelude):
             x = block(x, rope, ves.get(i))
         return x, rope, ves
+
+    def _grid_rope(self, length: int) -> torch.Tensor:
+        side = grid_side(length)
+        table = self._grid_tables.get(side)
+        if table is None or table.device != self.rope.device:
+            table = rope_grid_table(self.cfg.dim_head, side, self.cfg.rope_base).to(self.rope.device)
+            self._grid_tables[side] = table
+        return table
 
     def _loop_counts(
         self, loops: int | torch.Tensor | None, batch: int, device: torch.device

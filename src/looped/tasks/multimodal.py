@@ -30,6 +30,7 @@ from looped.tasks.vision import (
     patchify,
     shift,
     split_indices,
+    stream_config,
     vision_model_config,
 )
 
@@ -99,17 +100,7 @@ def batch(split: str, n: int | None, seed: int) -> tuple[tuple[torch.Tensor, tor
 def stream_configs(m: ModelConfig) -> tuple[ModelConfig, ModelConfig]:
     """(vision stream, text stream) configs from one [model] section: the same blocks and loop settings."""
     vision = dataclasses.replace(vision_model_config(m, IMAGE), logit_softcap=None)
-    text = dataclasses.replace(
-        m,
-        causal=True,
-        vocab_size=VOCAB,
-        tie_embeddings=False,
-        value_embeds=False,
-        value_embed_layers=None,
-        max_seq_len=IMAGE.tokens + TEXT_LEN,
-        attn_window=None,
-    )
-    return vision, text
+    return vision, stream_config(m, causal=True, vocab_size=VOCAB, max_seq_len=IMAGE.tokens + TEXT_LEN)
 
 
 class TwoStreamModel(nn.Module):

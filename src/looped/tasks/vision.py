@@ -17,6 +17,7 @@ tokens (the same as a linear head on the mean of the normed states).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -138,20 +139,24 @@ def patchify(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
     return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, -1, pf * ph * pw)
 
 
-def vision_model_config(m: ModelConfig, task: VisionTask) -> ModelConfig:
-    """The body's config for `task`: an encoder with a class per head row, as long as the task's tokens."""
-    import dataclasses
-
+def stream_config(m: ModelConfig, causal: bool, vocab_size: int, max_seq_len: int) -> ModelConfig:
+    """`m` as one stream of a vision or two-stream model: fed embeddings (no value embeddings, nothing tied),
+    full attention, `vocab_size` head rows."""
     return dataclasses.replace(
         m,
-        causal=False,
-        vocab_size=task.classes,
+        causal=causal,
+        vocab_size=vocab_size,
         tie_embeddings=False,
         value_embeds=False,
         value_embed_layers=None,
-        max_seq_len=task.tokens,
+        max_seq_len=max_seq_len,
         attn_window=None,
     )
+
+
+def vision_model_config(m: ModelConfig, task: VisionTask) -> ModelConfig:
+    """The body's config for `task`: an encoder with a class per head row, as long as the task's tokens."""
+    return stream_config(m, causal=False, vocab_size=task.classes, max_seq_len=task.tokens)
 
 
 class LoopedViT(nn.Module):
