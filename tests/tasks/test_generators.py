@@ -38,12 +38,13 @@ def test_parity_is_asked_at_the_query_token():
 def test_addition_matches_python_integers():
     n = 12
     x, y = get_task("addition").batch(64, n, seed=2)
+    assert x.shape == (64, 3 * n + 1)
     for row, target in zip(x.tolist(), y.tolist(), strict=True):
-        a = sum(bit << i for i, bit in enumerate(row[:n]))
-        b = sum(bit << i for i, bit in enumerate(row[n + 1 : 2 * n + 1]))
-        answer = target[2 * n + 2 :]
-        assert all(t == IGNORE for t in target[: 2 * n + 2])
-        assert sum(bit << i for i, bit in enumerate(answer)) == a + b
+        a = sum(bit << i for i, bit in enumerate(row[0 : 3 * n : 3]))
+        b = sum(bit << i for i, bit in enumerate(row[1 : 3 * n : 3]))
+        asked = [j for j, t in enumerate(target) if t != IGNORE]
+        assert asked == [*range(2, 3 * n, 3), 3 * n] and all(row[j] == QUERY for j in asked)
+        assert sum(target[j] << i for i, j in enumerate(asked)) == a + b
 
 
 def distances(open_cells: np.ndarray, start: tuple[int, int]) -> np.ndarray:

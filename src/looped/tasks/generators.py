@@ -8,7 +8,8 @@ independent, and a batch is a function of (seed, size, n) alone.
 
 - prefix_sums (Bansal et al. 2022): bits x₁…xₙ → the running parity x₁ ⊕ … ⊕ xᵢ at every position.
 - parity (Fan et al. 2024): bits → the parity of all of them, asked at a final query token.
-- addition: a and b as n little-endian bits, then n + 1 query tokens → the bits of a + b there.
+- addition: a and b as n little-endian bits, interleaved as a₀ b₀ ? a₁ b₁ ? … ?, → bit i of a + b at the
+  query after aᵢ bᵢ, and the carry out at the last query.
 - mazes (Bansal et al. 2022): a random depth-first-search maze on an s × s grid (s odd), start in the top-left
   cell and goal in the bottom-right → 1 on the cells of the shortest path, 0 on other open cells.
 """
@@ -51,6 +52,11 @@ class Task:
         return torch.from_numpy(x).long(), torch.from_numpy(y).long()
 
 
+def exact_match(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The fraction of examples whose every asked position (target ≠ IGNORE) is predicted right."""
+    return ((logits.argmax(-1) == targets) | (targets == IGNORE)).all(dim=1).float().mean().item()
+
+
 def check_size(task: Task, size: int) -> None:
     if task.name == "mazes":
         if size < 5 or size % 2 == 0:
@@ -84,10 +90,11 @@ def make_addition(n: int, size: int, rng: np.random.Generator) -> tuple[np.ndarr
         s = a[:, i] + b[:, i] + carry
         total[:, i], carry = s % 2, s // 2
     total[:, size] = carry
-    sep = np.full((n, 1), SEP)
-    inputs = np.concatenate([a, sep, b, sep, np.full((n, size + 1), QUERY)], axis=1)
+    # interleaved, so that bit i of the sum sits next to bits i of a and b at every size
+    inputs = np.full((n, 3 * size + 1), QUERY, dtype=np.int64)
+    inputs[:, 0 : 3 * size : 3], inputs[:, 1 : 3 * size : 3] = a, b
     targets = np.full_like(inputs, IGNORE)
-    targets[:, 2 * size + 2 :] = total
+    targets[:, 2 : 3 * size : 3], targets[:, 3 * size] = total[:, :size], total[:, size]
     return inputs, targets
 
 

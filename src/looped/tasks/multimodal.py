@@ -147,11 +147,6 @@ class TwoStreamModel(nn.Module):
         return {**self.vision.constrain_(), **self.text.constrain_()}
 
 
-def score(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """Whole-answer exact match: every asked position right."""
-    return ((logits.argmax(-1) == y) | (y == IGNORE)).all(dim=1).float().mean().item()
-
-
 @torch.no_grad()
 def evaluate_multimodal(
     model: TwoStreamModel, vision_loops: list[int], text_loops: list[int]

@@ -1,6 +1,10 @@
-"""Training and evaluating a looped encoder on an algorithmic task (`looped.tasks.generators`).
+"""Training and evaluating task models: `looped train --task`, `looped eval` on their checkpoints.
 
-The model is the same LoopedLM as for text, made an encoder (model.causal = false; RoPE only, no absolute
+Algorithmic tasks (`looped.tasks.generators`) train a LoopedLM encoder; the vision tasks a LoopedViT
+(`looped.tasks.vision`), and digit_names the two-stream model (`looped.tasks.multimodal`). One loop, `fit`,
+trains all of them.
+
+For the algorithmic tasks the model is the same LoopedLM as for text, made an encoder (model.causal = false; RoPE only, no absolute
 positions, so it can run on longer inputs than it saw) with a class per position. The input is re-injected
 every loop, as always. Each step draws a fresh batch of problems at the training size, and a loop count per
 problem from the [loops] sampler. Gradients flow through the last k loops only, so the model cannot learn
@@ -23,7 +27,7 @@ from looped.checkpoint import init_weights_from, save
 from looped.config import Config, ConfigError, from_dict
 from looped.model import accounting
 from looped.model.looped import LoopedLM
-from looped.tasks.generators import IGNORE, TASKS, check_size, get_task
+from looped.tasks.generators import IGNORE, TASKS, check_size, exact_match, get_task
 from looped.train.optim import build_optimizers, lr_factor
 from looped.train.sampler import LoopSampler, step_seed
 
@@ -102,7 +106,7 @@ def train_task(
             make, score = vt.batch, vision.accuracy
         else:
             model = multimodal.TwoStreamModel(cfg.model)
-            make, score = multimodal.batch, multimodal.score
+            make, score = multimodal.batch, exact_match
 
         def draw(step: int, n: int) -> tuple:
             return (*make("train", n, seed=step_seed(cfg.train.seed, step, stream=1)), "")
@@ -122,9 +126,7 @@ def train_task(
             x, y = t.batch(n, size, seed=step_seed(cfg.train.seed, step, stream=1))
             return x, y, f" at size {size}"
 
-        def score(logits: torch.Tensor, y: torch.Tensor) -> float:
-            return ((logits.argmax(-1) == y) | (y == IGNORE)).all(dim=1).float().mean().item()
-
+        score = exact_match
         run = {"task": task, "train_size": sizes[1], "train_sizes": list(sizes)}
     if cfg.train.init_from:  # a curriculum: the model trained at a smaller size, or on another task
         init_weights_from(model, cfg.train.init_from, grow_vocab=True)
