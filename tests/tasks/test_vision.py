@@ -81,5 +81,7 @@ def test_a_tiny_looped_vit_learns_digits(tmp_path, capsys):
     assert main(["eval", str(out / "final"), "--loops", "1,3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["task"] == "digits" and result["table"]["test"]["3"] == table["test"][3]
+    assert main(["eval", str(out / "final"), "--sizes", "8"]) == 2
+    assert "no problem sizes" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="no problem size"):
         train_task(load_config(["vision"], sets), "digits", 8, say=lambda m: None)

@@ -194,26 +194,36 @@ def evaluate_task(
     n: int = 256,
     seed: int = 10_000,
     batch: int = 64,
+    progress: bool = False,
 ) -> dict[int, dict[int, float]]:
     """Whole-problem exact match (every asked position right) at each size and loop count:
-    {size: {loops: accuracy}}. Test problems come from another seed than training's."""
+    {size: {loops: accuracy}}. Test problems come from another seed than training's. `progress` shows a
+    bar on stderr, in units of loops × positions (the work grows with both)."""
+    from tqdm.auto import tqdm
+
     t = get_task(task)
     model.eval()
-    table: dict[int, dict[int, float]] = {}
-    for size in sizes:
-        x, y = t.batch(n, size, seed=seed)
+    problems = {size: t.batch(n, size, seed=seed) for size in sizes}
+    for size, (x, _) in problems.items():
         if x.shape[1] > model.cfg.max_seq_len:
             raise ConfigError(
                 f"size {size} makes {x.shape[1]} positions, over the model's {model.cfg.max_seq_len}"
             )
-        table[size] = {}
-        for loops_t in loops:
-            right = 0
-            for i in range(0, n, batch):
-                logits = model(x[i : i + batch], loops=loops_t).logits
-                ok = (logits.argmax(-1) == y[i : i + batch]) | (y[i : i + batch] == IGNORE)
-                right += int(ok.all(dim=1).sum())
-            table[size][loops_t] = right / n
+    work = sum(x.shape[1] * sum(loops) for x, _ in problems.values())
+    table: dict[int, dict[int, float]] = {}
+    with tqdm(
+        total=work, desc=f"{task} exact match", disable=not progress, unit_scale=True, leave=False
+    ) as bar:
+        for size, (x, y) in problems.items():
+            table[size] = {}
+            for loops_t in loops:
+                right = 0
+                for i in range(0, n, batch):
+                    logits = model(x[i : i + batch], loops=loops_t).logits
+                    ok = (logits.argmax(-1) == y[i : i + batch]) | (y[i : i + batch] == IGNORE)
+                    right += int(ok.all(dim=1).sum())
+                table[size][loops_t] = right / n
+                bar.update(x.shape[1] * loops_t)
     return table
 
 
@@ -282,6 +292,13 @@ def evaluate_task_checkpoint(
     check_task(task)
     if run.get("task") not in (None, task):
         raise ConfigError(f"{checkpoint} was trained on {run['task']}, not {task}")
+    sizeless = task in vision.VISION_TASKS or task in multimodal.MULTIMODAL_TASKS
+    if sizeless and sizes is not None:
+        raise ConfigError(f"{task} has no problem sizes; drop --sizes")
+    if task in multimodal.MULTIMODAL_TASKS and baseline is not None:
+        raise ConfigError(
+            f"--baseline is not supported for {task}; evaluate the baseline checkpoint on its own"
+        )
     model, run = load_task_model(checkpoint)
     if task in multimodal.MULTIMODAL_TASKS:
         grid = multimodal.evaluate_multimodal(model, loops, loops)
@@ -293,7 +310,7 @@ def evaluate_task_checkpoint(
     def measure(m: torch.nn.Module, ts: list[int]) -> dict:
         if task in vision.VISION_TASKS:
             return vision.evaluate_vision(m, ts)
-        return evaluate_task(m, task, sizes, ts)
+        return evaluate_task(m, task, sizes, ts, progress=True)
 
     if task in vision.VISION_TASKS:
         size_name = "split"
