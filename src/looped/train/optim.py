@@ -24,10 +24,8 @@ def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
             continue
         seen.add(id(p))
         name = name.removeprefix("module.")  # DDP
-        inner = any(name.startswith(w) for w in _HIDDEN_PREFIXES) or any(
-            f".{w}" in name for w in _HIDDEN_PREFIXES
-        )
-        (hidden if p.ndim == 2 and inner else rest).append(p)
+        in_blocks = any(f".{prefix}" in f".{name}" for prefix in _HIDDEN_PREFIXES)
+        (hidden if p.ndim == 2 and in_blocks else rest).append(p)
     return hidden, rest
 
 
