@@ -123,6 +123,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     """Load a native checkpoint directory into a LoopedLM in eval mode. Every weight must be present and fit."""
     path = Path(path)
     cfg = load_config_dir(path)
+    kind = _model_class(path)
+    if kind != "LoopedLM":
+        raise CheckpointError(
+            f"{path} holds a {kind} (a looped.tasks model), not a language model; evaluate it with `looped eval`"
+        )
     file = path / WEIGHTS
     if not file.is_file():
         raise CheckpointError(f"{path}: missing {WEIGHTS}")
@@ -134,6 +139,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     load_weights(model, weights, str(file))
     model.eval()
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def _model_class(path: Path) -> str:
+    """run.json's model_class: which module the weights belong to (LoopedLM unless a task model says so)."""
+    try:
+        return str(json.loads((path / RUN).read_text()).get("model_class", "LoopedLM"))
+    except (OSError, ValueError):
+        return "LoopedLM"
 
 
 def load_weights(model: LoopedLM, weights: dict[str, torch.Tensor], source: str) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import SMALL_STREAM_SETS
 
+from looped.checkpoint import CheckpointError, load
 from looped.config import ConfigError, load_config
 from looped.tasks import vision
 from looped.tasks.train import train_task
@@ -81,6 +82,8 @@ def test_a_tiny_looped_vit_learns_digits(tmp_path, capsys):
     assert main(["eval", str(out / "final"), "--loops", "1,3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["task"] == "digits" and result["table"]["test"]["3"] == table["test"][3]
+    with pytest.raises(CheckpointError, match="LoopedViT"):
+        load(out / "final")  # not a language model: generate, info and serve say so
     assert main(["eval", str(out / "final"), "--sizes", "8"]) == 2
     assert "no problem sizes" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="no problem size"):

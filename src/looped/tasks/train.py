@@ -111,7 +111,7 @@ def train_task(
         def draw(step: int, n: int) -> tuple:
             return (*make("train", n, seed=step_seed(cfg.train.seed, step, stream=1)), "")
 
-        run = {"task": task}
+        run = {"task": task, "model_class": type(model).__name__}
     else:
         t = get_task(task)
         sizes = (32, 32) if size is None else (size, size) if isinstance(size, int) else tuple(size)
