@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--size",
         default=None,
         help="with an algorithmic --task: the training problem size N, or LO:HI for a size drawn per step "
-        "(default 32)",
+        "(default 32); several, comma-separated (16,32), train a curriculum, train.steps steps each",
     )
     p.add_argument(
         "--baseline",
@@ -314,15 +314,22 @@ def _train(args: argparse.Namespace) -> None:
             )
         raise ValueError("looped train takes --preset/--config/--set, not a checkpoint directory")
     if args.task is not None:
-        from looped.tasks.train import after_training, baseline_config, parse_sizes, train_task
+        from looped.tasks.train import after_training, baseline_config, parse_stages, train_curriculum
 
         cfg = load_config(args.files, args.set)
         if args.baseline:
             cfg = baseline_config(cfg)
-        sizes = parse_sizes(args.size) if args.size is not None else None
-        model, _ = train_task(cfg, args.task, sizes)
-        mu = max(1, round(cfg.loops.mean_loops))
-        print(after_training(model, args.task, sizes[1] if sizes else None, mu))
+        if args.size is None:
+            from looped.tasks.train import train_task
+
+            model, _ = train_task(cfg, args.task, None)
+            size = None
+        else:
+            stages = parse_stages(args.size)
+            model, _ = train_curriculum(cfg, args.task, stages)
+            size = stages[-1][1]
+        mu = max(1, round(cfg.loops.mean_loops * (size / stages[0][1] if size else 1)))
+        print(after_training(model, args.task, size, mu))
         if cfg.train.out:
             print(f"saved {cfg.train.out}/final")
         return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -118,3 +120,20 @@ def test_cli_train_and_eval_a_task(tmp_path, capsys):
     assert "looped model" in capsys.readouterr().err
     assert main(["eval", str(out / "final"), "--task", "sudoku"]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_a_curriculum_trains_stage_after_stage(tmp_path):
+    from looped.checkpoint import load_config_dir
+    from looped.tasks.train import parse_stages, train_curriculum
+
+    assert parse_stages("16,32") == [(16, 16), (32, 32)] and parse_stages("2:8, 4:20") == [(2, 8), (4, 20)]
+    out = tmp_path / "cur"
+    cfg = load_config(["debug"], [*SETS, "train.steps=2", f"train.out={out}"])
+    lines = []
+    _, log = train_curriculum(cfg, "prefix_sums", [(4, 4), (8, 8)], say=lines.append)
+    assert [rec["stage"] for rec in log] == [0, 0, 1, 1]
+    second = load_config_dir(out / "stage-1-size-8" / "final")
+    assert second.train.init_from == str(out / "stage-0-size-4" / "final")  # each stage starts from the last
+    assert second.loops.mean_loops == 2 * cfg.loops.mean_loops  # μ grows with the size
+    assert json.loads((out / "final" / "run.json").read_text())["train_size"] == 8
+    assert any("stage 2/2" in line for line in lines)

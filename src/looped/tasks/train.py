@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,39 @@ def parse_sizes(text: str) -> tuple[int, int]:
     if not 1 <= sizes[0] <= sizes[1]:
         raise ValueError(f"--size: need 1 ≤ LO ≤ HI, got {text!r}")
     return sizes
+
+
+def parse_stages(text: str) -> list[tuple[int, int]]:
+    """`--size` as a curriculum: stages separated by commas, each N or LO:HI ("16,32" or "2:8,2:20")."""
+    return [parse_sizes(part) for part in text.split(",") if part.strip()] or [parse_sizes(text)]
+
+
+def train_curriculum(
+    cfg: Config, task: str, stages: list[tuple[int, int]], say: Callable[[str], None] = print
+) -> tuple[torch.nn.Module, list[dict]]:
+    """Train through `stages` of problem sizes, train.steps steps each, every stage starting from the one
+    before. The mean loop count grows with the size: stage k samples μ·HIₖ / HI₀ loops, so that a model
+    that needs about a loop per position keeps getting enough. Each stage is saved under
+    train.out/stage-K-size-HI/final (a killed curriculum keeps its finished stages), the last also as
+    train.out/final."""
+    import tempfile
+
+    if len(stages) == 1:
+        return train_task(cfg, task, stages[0], say)
+    out = Path(cfg.train.out) if cfg.train.out else Path(tempfile.mkdtemp(prefix="looped-curriculum-"))
+    tree, init, logs = cfg.to_dict(), cfg.train.init_from, []
+    mu, first = cfg.loops.mean_loops, stages[0][1]
+    for k, sizes in enumerate(stages):
+        stage_dir = out / f"stage-{k}-size-{sizes[1]}"
+        tree["loops"]["mean_loops"] = mu * sizes[1] / first
+        tree["train"].update(out=str(stage_dir), init_from=init)
+        say(f"stage {k + 1}/{len(stages)}: sizes {sizes[0]}..{sizes[1]}, μ = {mu * sizes[1] / first:g}")
+        model, log = train_task(from_dict(tree), task, sizes, say)
+        logs += [{**rec, "stage": k} for rec in log]
+        init = str(stage_dir / "final")
+    if cfg.train.out:
+        shutil.copytree(init, out / "final", dirs_exist_ok=True)
+    return model, logs
 
 
 def step_size(task: str, sizes: tuple[int, int], seed: int, step: int) -> int:
