@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,12 +122,20 @@ def load_config_dir(path: str | Path) -> Config:
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoopedLM:
     """Load a native checkpoint directory into a LoopedLM in eval mode. Every weight must be present and fit."""
     path = Path(path)
-    cfg = load_config_dir(path)
     kind = _model_class(path)
     if kind != "LoopedLM":
         raise CheckpointError(
             f"{path} holds a {kind} (a looped.tasks model), not a language model; evaluate it with `looped eval`"
         )
+    model = load_module(path, lambda cfg: LoopedLM(cfg.model))
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def load_module(path: str | Path, build: Callable[[Config], torch.nn.Module]) -> torch.nn.Module:
+    """The checkpoint's weights in the module `build(config)` makes (strictly, as `load_weights`), in eval
+    mode: the loader of LoopedLM and of the task models that wrap one."""
+    path = Path(path)
+    cfg = load_config_dir(path)
     file = path / WEIGHTS
     if not file.is_file():
         raise CheckpointError(f"{path}: missing {WEIGHTS}")
@@ -135,10 +143,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         weights = load_file(str(file))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot read safetensors: {e}") from None
-    model = LoopedLM(cfg.model)
+    model = build(cfg)
     load_weights(model, weights, str(file))
-    model.eval()
-    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.eval()
 
 
 def _model_class(path: Path) -> str:

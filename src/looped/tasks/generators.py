@@ -52,9 +52,14 @@ class Task:
         return torch.from_numpy(x).long(), torch.from_numpy(y).long()
 
 
+def solved(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) whether each example's every asked position (target ≠ IGNORE) is predicted right."""
+    return ((logits.argmax(-1) == targets) | (targets == IGNORE)).all(dim=1)
+
+
 def exact_match(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """The fraction of examples whose every asked position (target ≠ IGNORE) is predicted right."""
-    return ((logits.argmax(-1) == targets) | (targets == IGNORE)).all(dim=1).float().mean().item()
+    """The fraction of examples solved (`solved`)."""
+    return solved(logits, targets).float().mean().item()
 
 
 def check_size(task: Task, size: int) -> None:

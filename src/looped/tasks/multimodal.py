@@ -23,7 +23,7 @@ from torch import nn
 
 from looped.config import ModelConfig
 from looped.model.looped import LoopedLM, LoopedOutput
-from looped.tasks.generators import IGNORE
+from looped.tasks.generators import IGNORE, solved
 from looped.tasks.vision import (
     VISION_TASKS,
     digit_images,
@@ -161,7 +161,7 @@ def evaluate_multimodal(
             out[kind][tv] = {}
         for tt in text_loops:
             logits = model((images, text), loops=(tv, tt)).logits
-            ok = ((logits.argmax(-1) == y) | (y == IGNORE)).all(dim=1)
+            ok = solved(logits, y)
             out["write"][tv][tt] = float(ok[write].float().mean())
             out["read"][tv][tt] = float(ok[~write].float().mean())
     return out

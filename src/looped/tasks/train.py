@@ -28,7 +28,7 @@ from looped.checkpoint import init_weights_from, save
 from looped.config import Config, ConfigError, from_dict
 from looped.model import accounting
 from looped.model.looped import LoopedLM
-from looped.tasks.generators import IGNORE, TASKS, check_size, exact_match, get_task
+from looped.tasks.generators import TASKS, check_size, exact_match, get_task, solved
 from looped.train.optim import build_optimizers, lr_factor
 from looped.train.sampler import LoopSampler, step_seed
 
@@ -254,8 +254,7 @@ def evaluate_task(
                 right = 0
                 for i in range(0, n, batch):
                     logits = model(x[i : i + batch], loops=loops_t).logits
-                    ok = (logits.argmax(-1) == y[i : i + batch]) | (y[i : i + batch] == IGNORE)
-                    right += int(ok.all(dim=1).sum())
+                    right += int(solved(logits, y[i : i + batch]).sum())
                 table[size][loops_t] = right / n
                 bar.update(x.shape[1] * loops_t)
     return table
@@ -279,23 +278,18 @@ def format_task_table(
 def load_task_model(checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
     """A task checkpoint (`looped train --task`) and its run.json: a LoopedLM encoder, a LoopedViT or a
     TwoStreamModel, by the task it was trained on."""
-    from looped.checkpoint import RUN, load, load_config_dir, load_weights
+    from looped.checkpoint import RUN, load, load_module
     from looped.tasks import multimodal, vision
 
     run_file = Path(checkpoint) / RUN
     run = json.loads(run_file.read_text()) if run_file.is_file() else {}
     task = run.get("task")
-    if task in vision.VISION_TASKS or task in multimodal.MULTIMODAL_TASKS:
-        from safetensors.torch import load_file
-
-        cfg = load_config_dir(checkpoint)
-        if task in vision.VISION_TASKS:
-            model: torch.nn.Module = vision.LoopedViT(cfg.model, vision.VISION_TASKS[task])
-        else:
-            model = multimodal.TwoStreamModel(cfg.model)
-        file = Path(checkpoint) / "model.safetensors"
-        load_weights(model, load_file(str(file)), str(file))
-        return model.eval(), run
+    if task in vision.VISION_TASKS:
+        return load_module(
+            checkpoint, lambda cfg: vision.LoopedViT(cfg.model, vision.VISION_TASKS[task])
+        ), run
+    if task in multimodal.MULTIMODAL_TASKS:
+        return load_module(checkpoint, lambda cfg: multimodal.TwoStreamModel(cfg.model)), run
     model = load(checkpoint)
     if model.cfg.causal:
         raise ConfigError(f"{checkpoint} is a language model, not a task model (train one with --task)")
