@@ -40,7 +40,7 @@ from looped.infer.cache import KVCache
 from looped.infer.engine import Engine
 from looped.infer.exit import parse_exit
 from looped.infer.forward import forward_cached
-from looped.model.looped import LoopedLM
+from looped.model.lm import LoopedLM
 
 PROMPT = 32
 MODES = ("per-loop", "shared")

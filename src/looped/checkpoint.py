@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from looped.config import Config, ConfigError, from_dict, to_toml
-from looped.model.looped import LoopedLM
+from looped.model.lm import LoopedLM
 
 CONFIG, WEIGHTS, RUN = "config.toml", "model.safetensors", "run.json"
 

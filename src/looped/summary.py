@@ -12,7 +12,7 @@ import torch
 from looped.checkpoint import load, load_config_dir
 from looped.config import ModelConfig, load_config
 from looped.model import accounting
-from looped.model.looped import LoopedLM
+from looped.model.lm import LoopedLM
 
 
 def resolve_model_config(

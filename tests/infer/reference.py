@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from looped.model.layers import apply_rope
-from looped.model.looped import LoopedLM
+from looped.model.lm import LoopedLM
 
 
 def _project(attn, xq, keys_in, tok_k, ve_emb):

@@ -10,7 +10,7 @@ from reference import reference_logits
 
 from looped.infer.cache import KVCache
 from looped.infer.forward import forward_cached
-from looped.model.looped import LoopedLM
+from looped.model.lm import LoopedLM
 
 PROMPT = [3, 5, 7, 11, 13, 17]
 

@@ -12,7 +12,7 @@ from looped.checkpoint import CheckpointError
 from looped.data.tokenizer import Tokenizer
 from looped.infer.budget import LatencyController, Profile, loops_for_flops
 from looped.infer.engine import Compute, Engine
-from looped.model.looped import LoopedLM
+from looped.model.lm import LoopedLM
 
 PROMPTS = [[3, 5, 7], [11, 13, 17, 19, 23, 29, 31], [2, 4]]
 

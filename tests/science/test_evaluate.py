@@ -11,7 +11,8 @@ import torch
 from looped.checkpoint import load, load_config_dir
 from looped.cli import main
 from looped.data.loader import TokenData, val_windows
-from looped.science.evaluate import decode_loss, evaluate_checkpoint, loss_by_loops
+from looped.eval import loss_by_loops
+from looped.science.evaluate import decode_loss, evaluate_checkpoint
 
 
 @pytest.fixture(scope="module")

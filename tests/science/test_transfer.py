@@ -10,7 +10,7 @@ from helpers import randomize_, tiny, train_config
 
 from looped.checkpoint import CheckpointError, load, load_config_dir
 from looped.cli import main
-from looped.model.looped import LoopedLM
+from looped.model.lm import LoopedLM
 from looped.science.transfer import retrofit_model
 from looped.train.trainer import train
 

@@ -14,7 +14,7 @@ from looped import load
 from looped.config import ConfigError
 from looped.data import DataError
 from looped.data.prepare import prepare
-from looped.train import checkpoints as ckpt
+from looped.train import state as ckpt
 from looped.train import trainer
 from looped.train.trainer import TrainingError, train
 

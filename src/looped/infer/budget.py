@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from looped.model.looped import LoopedLM
+from looped.model.lm import LoopedLM
 
 PROFILE = "calibration.json"
 

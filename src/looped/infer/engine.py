@@ -25,7 +25,7 @@ from looped.infer.cache import KV_MODES, KVCache
 from looped.infer.exit import ExitCriterion, parse_exit
 from looped.infer.forward import forward_cached
 from looped.infer.sampling import SamplingParams, find_stop, next_token
-from looped.model.looped import LoopedLM
+from looped.model.lm import LoopedLM
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from looped.infer.cache import CacheView, KVCache
 from looped.infer.exit import ExitCriterion, Signals
-from looped.model.looped import LoopedLM
+from looped.model.lm import LoopedLM
 
 
 @dataclass

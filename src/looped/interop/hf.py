@@ -59,7 +59,7 @@ from looped.data.tokenizer import EOT, Tokenizer
 from looped.infer.cache import KV_MODES, KVCache
 from looped.infer.forward import forward_cached
 from looped.model.layers import rope_table
-from looped.model.looped import LoopedLM
+from looped.model.lm import LoopedLM
 
 MODEL_TYPE = "looped"
 SHIM = "modeling_looped.py"

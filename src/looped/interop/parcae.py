@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from looped.checkpoint import CheckpointError, load_weights, save
 from looped.config import Config, ConfigError, ModelConfig
 from looped.model.layers import rope_table
-from looped.model.looped import LoopedLM
+from looped.model.lm import LoopedLM
 
 WEIGHT_FILES = ("model.safetensors", "model.pt", "pytorch_model.bin")
 DEFAULT_ROPE_BASE = 50000.0  # Parcae's default when config.json has no rope_settings

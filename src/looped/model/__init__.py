@@ -7,7 +7,7 @@ from looped.model.accounting import (
     param_counts,
     unrolled_params,
 )
-from looped.model.looped import LoopedLM, LoopedOutput, StabilityReport
+from looped.model.lm import LoopedLM, LoopedOutput, StabilityReport
 
 __all__ = [
     "LoopedLM",

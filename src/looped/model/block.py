@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from looped.config import ModelConfig
+from looped.model.kv import LayerKV
 from looped.model.layers import MLP, Attention, RMSNorm
-
-if TYPE_CHECKING:
-    from looped.infer.cache import LayerKV
 
 
 class Block(nn.Module):

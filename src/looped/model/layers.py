@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from looped.config import ModelConfig
-
-if TYPE_CHECKING:
-    from looped.infer.cache import LayerKV
+from looped.model.kv import LayerKV
 
 
 class _RMSNormFunction(torch.autograd.Function):

@@ -173,7 +173,7 @@ def run_one(
     from looped.config import from_dict
     from looped.data.loader import TokenData, val_windows
     from looped.model import accounting
-    from looped.science.evaluate import loss_by_loops
+    from looped.eval import loss_by_loops
     from looped.train.trainer import train
 
     cfg = from_dict(cfg_tree)

@@ -21,7 +21,7 @@ import torch
 from looped.checkpoint import WEIGHTS, CheckpointError, load, load_config_dir, save
 from looped.config import Config, ConfigError, from_dict, load_config
 from looped.model import accounting
-from looped.model.looped import LoopedLM
+from looped.model.lm import LoopedLM
 from looped.science.compare import steps_for
 from looped.science.sweep import RESULTS, execute, finished_runs, read_results
 from looped.train.trainer import TrainResult, train

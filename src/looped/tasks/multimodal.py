@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from looped.config import ModelConfig
-from looped.model.looped import LoopedLM, LoopedOutput
+from looped.model.lm import LoopedLM, LoopedOutput
 from looped.tasks.generators import IGNORE, solved
 from looped.tasks.vision import (
     VISION_TASKS,

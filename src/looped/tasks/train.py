@@ -27,7 +27,7 @@ import torch
 from looped.checkpoint import init_weights_from, save
 from looped.config import Config, ConfigError, from_dict
 from looped.model import accounting
-from looped.model.looped import LoopedLM
+from looped.model.lm import LoopedLM
 from looped.tasks.generators import TASKS, check_size, exact_match, get_task, solved
 from looped.train.optim import build_optimizers, lr_factor
 from looped.train.sampler import LoopSampler, step_seed

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from looped.config import ConfigError, ModelConfig
-from looped.model.looped import LoopedLM, LoopedOutput
+from looped.model.lm import LoopedLM, LoopedOutput
 
 CANVAS, FRAMES = 12, 4
 DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))  # (row, column) steps: right, left, down, up

@@ -20,11 +20,11 @@ from looped.config import Config, ConfigError, from_dict, to_toml
 from looped.data import DataError
 from looped.data.loader import Loader, TokenData, val_windows
 from looped.model.accounting import flops_per_token
-from looped.model.looped import LoopedLM
-from looped.science.evaluate import default_eval_loops, loss_by_loops, perplexity
-from looped.train import checkpoints as ckpt
-from looped.train import distributed
-from looped.train.distributed import Dist
+from looped.model.lm import LoopedLM
+from looped.eval import default_eval_loops, loss_by_loops, perplexity
+from looped.train import state as ckpt
+from looped import distributed
+from looped.distributed import Dist
 from looped.train.optim import build_optimizers, describe, lr_factor
 from looped.train.sampler import LoopSampler, step_seed
 

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from looped.checkpoint import WEIGHTS, atomic_dir, write_model_files
 from looped.config import Config
-from looped.train.distributed import Dist, barrier
+from looped.distributed import Dist, barrier
 from looped.train.optim import Optimizers
 
 TRAINER, OPTIMIZER = "trainer.json", "optimizer.pt"
