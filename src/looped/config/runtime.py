@@ -29,6 +29,12 @@ class InferConfig(Section):
     top_k: int | None = doc(50, "Sample among the k most likely tokens; None keeps all.")
     top_p: float | None = doc(None, "Nucleus sampling: the smallest set of tokens with probability ≥ p.")
     repetition_penalty: float = doc(1.0, "Divide logits of tokens already in the text (CTRL); 1 is off.")
+    device: Literal["auto", "cpu", "cuda"] = doc(
+        "auto", "Where inference runs (generate, chat, eval, calibrate, serve): auto picks CUDA when present."
+    )
+    dtype: Literal["float32", "bfloat16"] = doc(
+        "float32", "Weights and activations at inference; bfloat16 halves memory (best on a GPU)."
+    )
 
     def validate(self) -> None:
         if self.max_loops < 1:

@@ -1,4 +1,5 @@
-"""Config sections' machinery: the error type, type and choice checks from annotations, documented fields."""
+"""Config sections' machinery: type and choice checks from annotations, documented fields (ConfigError, re-exported
+here, is defined in looped.errors)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,7 @@ import typing
 from dataclasses import field
 from typing import Any, Literal
 
-
-class ConfigError(ValueError):
-    """A config value, key or file that cannot be used; the message names the offending key."""
+from looped.errors import ConfigError
 
 
 def _closest(name: str, valid: typing.Iterable[str]) -> str:
