@@ -97,6 +97,25 @@ def test_set_none_clears_an_optional_field_only():
         load_config(overrides=["model.width=none"])
 
 
+@pytest.mark.parametrize("text", ["123", "nan", "inf", "true", "1e3", "[1, 2]", "runs/a b"])
+def test_set_string_field_takes_any_text(text):
+    cfg = load_config(overrides=[f"train.out={text}", f"train.init_from={text}"])
+    assert cfg.train.out == text and cfg.train.init_from == text
+
+
+def test_set_quoted_string_is_unquoted_and_typed_fields_stay_checked():
+    assert load_config(overrides=['train.out="runs/x"']).train.out == "runs/x"
+    with pytest.raises(ConfigError, match=r"train\.steps must be an integer, got 'many'"):
+        load_config(overrides=["train.steps=many"])
+    with pytest.raises(ConfigError, match=r"train\.device = 123 is not one of"):
+        load_config(overrides=["train.device=123"])  # a Literal of strings is not free text
+
+
+def test_string_field_in_a_file_is_still_type_checked(tmp_path):
+    path = _write(tmp_path / "c.toml", "[train]\nout = 123\n")
+    _raises(r"train\.out must be a string, got 123", [path])
+
+
 def test_int_for_float_field_becomes_float():
     m = load_config(overrides=["model.rope_base=10000"]).model
     assert m.rope_base == 10000.0 and isinstance(m.rope_base, float)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from looped.config.runtime import InferConfig, ServeConfig
-from looped.config.section import ConfigError, Section, _closest, doc
+from looped.config.section import ConfigError, Section, _check_value, _closest, doc
 from looped.config.sections import (
     BlockNorm,
     DataConfig,
@@ -152,19 +152,40 @@ def load_config(files: typing.Sequence[str | Path] = (), overrides: typing.Seque
         if "." not in dotted:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. model.width=256")
         section, key = dotted.strip().split(".", 1)
-        value = _parse_value(text.strip())
-        if value in ("none", "None") and _optional(section, key):
-            value = None  # TOML has no null: `--set model.attn_window=none` clears an optional field
-        _set_in(tree, section, key, value, "--set")
+        _set_in(tree, section, key, _override_value(section, key, text.strip()), "--set")
     return from_dict(tree)
 
 
-def _optional(section: str, key: str) -> bool:
-    """Whether section.key may be None (and "none" is not one of its string values)."""
+def _override_value(section: str, key: str, text: str) -> Any:
+    """A `--set` value read by the type of the field it sets: TOML (numbers, booleans, lists, quoted strings),
+    except that a field that takes a string takes any text as it is (`train.out=123` is the folder "123")."""
+    tp = _field_type(section, key)
+    value = _parse_value(text)
+    if value in ("none", "None") and _optional(tp):
+        return None  # TOML has no null: `--set model.attn_window=none` clears an optional field
+    if not isinstance(value, str) and _takes_text(tp):
+        try:
+            _check_value(section, key, tp, value)
+        except ConfigError:
+            return text
+    return value
+
+
+def _field_type(section: str, key: str) -> Any:
+    """The annotation of section.key, or None when there is no such field (`_set_in` then says so)."""
     cls = Config.SECTIONS.get(section)
-    hints = typing.get_type_hints(cls) if cls is not None else {}
-    args = typing.get_args(hints.get(key))
+    return typing.get_type_hints(cls).get(key) if cls is not None else None
+
+
+def _optional(tp: Any) -> bool:
+    """Whether a field of type `tp` may be None (and "none" is not one of its string values)."""
+    args = typing.get_args(tp)
     return type(None) in args and not any("none" in typing.get_args(a) for a in args)
+
+
+def _takes_text(tp: Any) -> bool:
+    """Whether a field of type `tp` accepts a free string (str, or a union with str; not a Literal)."""
+    return tp is str or str in typing.get_args(tp)
 
 
 def from_dict(tree: dict[str, dict[str, Any]]) -> Config:
