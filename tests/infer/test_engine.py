@@ -249,8 +249,8 @@ def test_a_checkpoint_with_another_tokenizer_is_refused(trained, tmp_path):
         Engine.from_checkpoint(ckpt)
 
 
-def test_model_generate_is_the_engine(model):
-    out = model.generate(PROMPTS[0], loops=3, max_new_tokens=5, temperature=0, kv_cache="per-loop")
+def test_engine_on_token_ids_matches_uncached_greedy(model):
+    out = Engine(model, kv_cache="per-loop").generate(PROMPTS[0], loops=3, max_new_tokens=5, temperature=0)
     assert out.token_ids == uncached_greedy(model, PROMPTS[0], 3, 5)
 
 

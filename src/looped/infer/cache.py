@@ -204,8 +204,9 @@ class CacheView:
         view._r, view._s = self._r[index], self._s[index]
         return view
 
-    def layer(self, kind: str, layer: int, loop: int = 0) -> LayerKV:
-        return LayerKV(self, self.cache.group(kind, layer, loop))
+    def layer(self, part: str, layer: int, loop: int = 0) -> LayerKV:
+        """The cache of one attention layer for this call (satisfies `looped.model.kv.KVProvider`)."""
+        return LayerKV(self, self.cache.group(part, layer, loop))
 
 
 class LayerKV:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from looped.infer.cache import CacheView, KVCache
 from looped.infer.exit import ExitCriterion, Signals
-from looped.model.lm import LoopedLM
+from looped.model.lm import LoopedLM, LoopInputs
 
 
 @dataclass
@@ -69,21 +69,18 @@ def forward_cached(
     slots = start[:, None] + torch.arange(P)  # (B, P)
     positions = slots.to(device) if positions is None else positions.to(device)
     view = cache.view(rows, slots, key_mask)
-    table = model.rope[:, positions].float()  # (2, B, P, hd/2)
-    rope = torch.complex(table[0], table[1])  # (B, P, hd/2): every layer rotates by the same angles
-    ves = {int(i): emb(input_ids) for i, emb in model.value_embeds.items()}
+    rope = model.rotary(P, positions)  # (B, P, hd/2): each row at its own positions
     last = (lengths - 1).to(device)  # index of each row's last real token
 
-    x = model.embed(input_ids)  # (B, P, D)
-    for i, block in enumerate(model.prelude):
-        x = block(x, rope, ves.get(i), view.layer("prelude", i))
+    x, ves = model.embed_inputs(input_ids)
+    x = model.run_prelude(x, rope, ves, view)
     used = torch.zeros(B, dtype=torch.long)
     state = logits = None
     if cfg.looped:
-        counts = model._loop_counts(loops, B, device)
-        e = model.prelude_norm(x) if model.prelude_norm is not None else x
-        h0 = model.initial_state(e, positions) if warm_state is None else warm_state[:, None].to(e.dtype)
-        h, used, logits = _iterate(model, view, e, h0, rope, ves, counts, exit, min_loops, last)
+        counts = model.loop_counts(loops, B, device)
+        inputs = model.loop_inputs(x, rope, ves)
+        h0 = model.initial_state(inputs.e, positions) if warm_state is None else warm_state[:, None]
+        h, used, logits = _iterate(model, view, h0.to(inputs.e.dtype), inputs, counts, exit, min_loops, last)
         cache.fill_later_loops(rows, slots, used.cpu())
         state = h[torch.arange(B, device=device), last]
         x = h
@@ -103,27 +100,18 @@ def _readout(
     ves: dict[int, torch.Tensor],
     last: torch.Tensor | None,
 ) -> torch.Tensor:
-    """State → readout → coda (writing its cache) → norm → head; logits at `last` per row, or everywhere."""
-    cfg = model.cfg
-    x = model.readout(h) if model.readout is not None else h
-    offset = cfg.prelude_layers + cfg.core_layers
-    for i, block in enumerate(model.coda):
-        x = block(x, rope, ves.get(offset + i), view.layer("coda", i))
+    """The model's readout and coda (writing the coda's cache), then logits at `last` per row or everywhere."""
+    x = model.run_coda(h, rope, ves, view)
     if last is not None:
         x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, D)
-    logits = model.head(model.final_norm(x)).float()
-    if cfg.logit_softcap is not None:
-        logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
-    return logits
+    return model.logits(x)
 
 
 def _iterate(
     model: LoopedLM,
     view: CacheView,
-    e: torch.Tensor,
     h: torch.Tensor,
-    rope: torch.Tensor,
-    ves: dict[int, torch.Tensor],
+    inputs: LoopInputs,
     counts: torch.Tensor,
     exit: ExitCriterion | None,
     min_loops: int,
@@ -135,40 +123,34 @@ def _iterate(
     done, so a row that has stopped costs no core compute. With a criterion that reads logits, the coda and
     head run after every loop for the rows still looping, and the logits of a row's last loop are its output.
     """
-    B = e.shape[0]
+    B = h.shape[0]
     t_max = int(counts.max())
     view.cache.ensure_loops(t_max)
-    p = model.cfg.prelude_layers
-    u = model.injection.prepare(e)
     used = counts.clone()
-    done = torch.zeros(B, dtype=torch.bool, device=e.device)
+    done = torch.zeros(B, dtype=torch.bool, device=h.device)
     probe = exit is not None and exit.needs_logits
     logits = prev_logp = prev_state = None
     if exit is not None:
-        exit.start(B, e.device)
-        prev_state = torch.zeros(B, e.shape[-1], dtype=e.dtype, device=e.device)
+        exit.start(B, h.device)
+        prev_state = torch.zeros(B, h.shape[-1], dtype=h.dtype, device=h.device)
     if probe:
-        logits = torch.zeros(B, model.cfg.vocab_size, device=e.device)
+        logits = torch.zeros(B, model.cfg.vocab_size, device=h.device)
         prev_logp = torch.zeros_like(logits)
     for t in range(t_max):
         idx = ((counts > t) & ~done).nonzero().squeeze(1)
         if idx.numel() == 0:
             break
         if idx.numel() == B:  # everyone still looping: no gathering
-            sub, h_a, u_a, rope_a, ves_a = view, h, u, rope, ves
+            sub, h_a, in_a = view, h, inputs
         else:
-            sub, h_a = view.subset(idx), h[idx]
-            u_a, rope_a = model.injection.select(u, idx), rope[idx]
-            ves_a = {i: v[idx] for i, v in ves.items()}
-        h_a = model.injection.step(h_a, u_a)
-        for i, block in enumerate(model.core):
-            h_a = block(h_a, rope_a, ves_a.get(p + i), sub.layer("core", i, t))
+            sub, h_a, in_a = view.subset(idx), h[idx], model.select_rows(inputs, idx, rope_per_row=True)
+        h_a = model.loop_step(h_a, in_a, sub, t)
         h = h_a if idx.numel() == B else h.index_copy(0, idx, h_a)
         if exit is None:
             continue
         cur = Signals(state=h_a[:, 0])
         if probe:
-            out = _readout(model, h_a, sub, rope_a, ves_a, last[idx])
+            out = _readout(model, h_a, sub, in_a.rope, in_a.ves, last[idx])
             logits[idx] = out
             cur.logprobs = F.log_softmax(out, dim=-1)
         if t >= 1:  # a criterion compares two loops

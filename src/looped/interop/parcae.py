@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +78,61 @@ def convert_config(pc: dict[str, Any], present: set[str] | None = None) -> Model
     `present` (the state-dict keys) decides which layers carry value embeddings: a layer uses one only
     where both its table `value_embeds.i` and its attention's `ve_gate` exist.
     """
+    get = _getter(pc)
+    _check_supported(get)
+    d = get("n_embd", required=True)
+    nonlin = {"ReLU2": "relu2"}[get("nonlin_name", "ReLU2")]
+    rope = get("rope_settings") or {}
+    p, c, k = (
+        get(n, required=True)
+        for n in ("n_layers_in_prelude", "n_layers_in_recurrent_block", "n_layers_in_coda")
+    )
+    ve_layers = None if present is None else _value_embed_layers(present, p, c, k)
+    try:
+        return ModelConfig(
+            vocab_size=get("padded_vocab_size") or get("vocab_size", required=True),
+            width=d,
+            n_heads=get("num_attention_heads", required=True),
+            n_kv_heads=get("num_key_value_heads"),
+            mlp=nonlin,
+            mlp_hidden=get("intermediate_size", required=True),
+            norm_eps=float(get("norm_eps", 1e-5)),
+            rope_base=float(rope.get("rope_base", DEFAULT_ROPE_BASE)),
+            qk_norm=bool(get("qk_norm", False)),
+            value_embeds=False,
+            value_embed_layers=ve_layers if ve_layers else None,
+            logit_softcap=get("logit_softcap"),
+            tie_embeddings=bool(get("tie_embeddings", False)),
+            max_seq_len=get("block_size", required=True),
+            prelude_layers=p,
+            core_layers=c,
+            coda_layers=k,
+            loops=max(1, int(get("mean_recurrence") or 4)),
+            injection="diagonal",
+            prelude_norm=bool(get("prelude_norm", False)),
+            readout=True,
+            state_init=get("state_init", "zero"),
+        )
+    except ConfigError as e:
+        message = str(e)
+        for ours, theirs in OUR_NAMES.items():  # speak in the source file's key names
+            message = message.replace(f"model.{ours} ", f"{theirs} ")
+        raise ConversionError(f"config.json: {message}") from None
+
+
+def _getter(pc: dict[str, Any]) -> Callable[..., Any]:
+    """`get(key, default=None, required=False)` on Parcae's config.json, naming a missing required key."""
 
     def get(key: str, default: Any = None, required: bool = False) -> Any:
         if required and key not in pc:
             raise ConversionError(f"config.json: missing key '{key}'")
         return pc.get(key, default)
 
+    return get
+
+
+def _check_supported(get: Callable[..., Any]) -> None:
+    """Refuse, by key, every Parcae option that looped's model does not represent."""
     d = get("n_embd", required=True)
     for key in ("bias", "qk_bias", "use_abacus"):
         _require(not get(key, False), key, "must be false (looped blocks have no biases)")
@@ -92,23 +142,13 @@ def convert_config(pc: dict[str, Any], present: set[str] | None = None) -> Model
         "randomize_positions_from",
         "randomized positions are not supported",
     )
-    _require(
-        get("block_class_name", "TransformerPreNormBlock") == "TransformerPreNormBlock",
-        "block_class_name",
-        f"{get('block_class_name')!r} is not supported (only TransformerPreNormBlock)",
-    )
-    _require(
-        get("norm_class_name", "RMSNorm") == "RMSNorm",
-        "norm_class_name",
-        f"{get('norm_class_name')!r} is not supported (only RMSNorm)",
-    )
-    _require(
-        get("mlp_class_name", "BaseMLP") == "BaseMLP",
-        "mlp_class_name",
-        f"{get('mlp_class_name')!r} is not supported (only BaseMLP)",
-    )
-    nonlin = {"ReLU2": "relu2"}.get(get("nonlin_name", "ReLU2"))
-    _require(nonlin is not None, "nonlin_name", f"{get('nonlin_name')!r} is not supported (only ReLU2)")
+    for key, default, ours in (
+        ("block_class_name", "TransformerPreNormBlock", "TransformerPreNormBlock"),
+        ("norm_class_name", "RMSNorm", "RMSNorm"),
+        ("mlp_class_name", "BaseMLP", "BaseMLP"),
+        ("nonlin_name", "ReLU2", "ReLU2"),
+    ):
+        _require(get(key, default) == ours, key, f"{get(key)!r} is not supported (only {ours})")
     _require(
         get("injection_type", "diagonal") == "diagonal",
         "injection_type",
@@ -136,48 +176,15 @@ def convert_config(pc: dict[str, Any], present: set[str] | None = None) -> Model
         rope.get("rope_condense_ratio", 1) == 1, "rope_settings.rope_condense_ratio", "only 1 is supported"
     )
 
-    p, c, k = (
-        get(n, required=True)
-        for n in ("n_layers_in_prelude", "n_layers_in_recurrent_block", "n_layers_in_coda")
-    )
-    ve_layers = None
-    if present is not None:
-        gated = set()
-        for stack, offset in (("prelude", 0), ("core_block", p), ("coda", p + c)):
-            for i in range(max(p, c, k)):
-                if f"transformer.{stack}.{i}.attn.ve_gate.weight" in present:
-                    gated.add(offset + i)
-        ve_layers = sorted(i for i in gated if f"value_embeds.{i}.weight" in present)
-    try:
-        return ModelConfig(
-            vocab_size=get("padded_vocab_size") or get("vocab_size", required=True),
-            width=d,
-            n_heads=get("num_attention_heads", required=True),
-            n_kv_heads=get("num_key_value_heads"),
-            mlp=nonlin,
-            mlp_hidden=get("intermediate_size", required=True),
-            norm_eps=float(get("norm_eps", 1e-5)),
-            rope_base=float(rope.get("rope_base", DEFAULT_ROPE_BASE)),
-            qk_norm=bool(get("qk_norm", False)),
-            value_embeds=False,
-            value_embed_layers=ve_layers if ve_layers else None,
-            logit_softcap=get("logit_softcap"),
-            tie_embeddings=bool(get("tie_embeddings", False)),
-            max_seq_len=get("block_size", required=True),
-            prelude_layers=p,
-            core_layers=c,
-            coda_layers=k,
-            loops=max(1, int(get("mean_recurrence") or 4)),
-            injection="diagonal",
-            prelude_norm=bool(get("prelude_norm", False)),
-            readout=True,
-            state_init=state_init,
-        )
-    except ConfigError as e:
-        message = str(e)
-        for ours, theirs in OUR_NAMES.items():  # speak in the source file's key names
-            message = message.replace(f"model.{ours} ", f"{theirs} ")
-        raise ConversionError(f"config.json: {message}") from None
+
+def _value_embed_layers(present: set[str], p: int, c: int, k: int) -> list[int]:
+    """Layers whose value embedding Parcae's forward uses: both the table and the attention's gate exist."""
+    gated = set()
+    for stack, offset in (("prelude", 0), ("core_block", p), ("coda", p + c)):
+        for i in range(max(p, c, k)):
+            if f"transformer.{stack}.{i}.attn.ve_gate.weight" in present:
+                gated.add(offset + i)
+    return sorted(i for i in gated if f"value_embeds.{i}.weight" in present)
 
 
 def read_state_dict(src: Path) -> dict[str, torch.Tensor]:

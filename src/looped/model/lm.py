@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from looped.config import ModelConfig
 from looped.model import accounting
 from looped.model.block import Block
 from looped.model.injection import SpectralConstraint, make_injection, sigma_max
+from looped.model.kv import KVProvider
 from looped.model.layers import RMSNorm, grid_side, rope_grid_table, rope_table
 
 
@@ -25,6 +27,18 @@ class LoopedOutput:
     loss: torch.Tensor | None = None  # mean token cross-entropy when labels are given
     loops: torch.Tensor | None = None  # (B,) loops each sequence ran
     state_norms: torch.Tensor | None = None  # (T_max,) mean ‖h‖ over tokens after each loop, detached
+
+
+@dataclass
+class LoopInputs:
+    """What every loop of one forward pass reads; made once by `LoopedLM.loop_inputs`."""
+
+    e: (
+        torch.Tensor | None
+    )  # (B, S, D) prelude output as injected; None in a row selection (only h_0 reads it)
+    u: Any  # the injection's term in e (model/injection.py `prepare`)
+    rope: torch.Tensor  # rotary table (2, S, hd/2), or a per-sequence rotation (B, S, hd/2)
+    ves: dict[int, torch.Tensor]  # value embeddings by layer index
 
 
 @dataclass
@@ -119,7 +133,7 @@ class LoopedLM(nn.Module):
         backprop_loops: int | None = None,
         embeds: torch.Tensor | None = None,
     ) -> LoopedOutput:
-        """Run the model.
+        """Run the model: the pieces below in order, without a cache.
 
         Args:
             input_ids: (B, S) token ids, or None with `embeds`.
@@ -131,31 +145,26 @@ class LoopedLM(nn.Module):
             embeds: (B, S, D) inputs already embedded (image patches, another stream's states) instead of
                 input_ids; the token embedding is skipped. Not with value embeddings, which need ids.
         """
-        x, rope, ves = self.encode(input_ids, embeds)
+        x, ves = self.embed_inputs(input_ids, embeds)
+        rope = self.rotary(x.shape[1])
+        x = self.run_prelude(x, rope, ves)
         loop_counts = norms = None
         if self.cfg.looped:
-            e = self.prelude_norm(x) if self.prelude_norm is not None else x
-            loop_counts = self._loop_counts(loops, x.shape[0], x.device)
-            x, norms, _ = self.iterate(e, rope, ves, loop_counts, backprop_loops)
-            if self.readout is not None:
-                x = self.readout(x)
-        offset = self.cfg.prelude_layers + self.cfg.core_layers
-        for i, block in enumerate(self.coda):
-            x = block(x, rope, ves.get(offset + i))
-        logits = self.head(self.final_norm(x)).float()
-        if self.cfg.logit_softcap is not None:
-            cap = self.cfg.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
+            loop_counts = self.loop_counts(loops, x.shape[0], x.device)
+            inputs = self.loop_inputs(x, rope, ves)
+            x, norms, _ = self.iterate(inputs, loop_counts, backprop_loops)
+        logits = self.logits(self.run_coda(x, rope, ves))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         return LoopedOutput(logits=logits, loss=loss, loops=loop_counts, state_norms=norms)
 
-    def encode(
+    # The pieces of the forward pass. Every path that runs the model (training, `looped.Engine`'s cached
+    # decoding, the Hugging Face wrapper) calls these; a cache comes in as a `KVProvider` (model/kv.py).
+    def embed_inputs(
         self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
-        """Embed (or take `embeds`) and run the prelude; returns (prelude output (B, S, D), rotary table,
-        value embeddings by layer)."""
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Token embeddings (B, S, D), or `embeds` as given, and the value embeddings by layer index."""
         if (input_ids is None) == (embeds is None):
             raise ValueError("give exactly one of input_ids and embeds")
         if embeds is not None and len(self.value_embeds):
@@ -165,15 +174,73 @@ class LoopedLM(nn.Module):
         S = (input_ids if input_ids is not None else embeds).shape[1]
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
-        rope = self.rope[:, :S] if self.cfg.layout == "sequence" else self._grid_rope(S)
         if embeds is not None:
-            ves, x = {}, embeds
-        else:
-            ves = {int(i): emb(input_ids) for i, emb in self.value_embeds.items()}
-            x = self.embed(input_ids)  # (B, S, D)
+            return embeds, {}
+        ves = {int(i): emb(input_ids) for i, emb in self.value_embeds.items()}
+        return self.embed(input_ids), ves
+
+    def rotary(self, length: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The rotary table for positions 0..length-1, (2, S, hd/2) — or, with `positions` (B, P), each
+        sequence's own rotation e^(iθ) as a complex (B, P, hd/2), made once and shared by every layer."""
+        if positions is None:
+            return self.rope[:, :length] if self.cfg.layout == "sequence" else self._grid_rope(length)
+        if self.cfg.layout != "sequence":
+            raise ValueError("explicit positions need model.layout = 'sequence'")
+        table = self.rope[:, positions.to(self.rope.device)].float()  # (2, B, P, hd/2)
+        return torch.complex(table[0], table[1])
+
+    def run_prelude(
+        self, x: torch.Tensor, rope: torch.Tensor, ves: dict[int, torch.Tensor], kv: KVProvider | None = None
+    ) -> torch.Tensor:
+        """The prelude blocks: (B, S, D) → (B, S, D)."""
         for i, block in enumerate(self.prelude):
-            x = block(x, rope, ves.get(i))
-        return x, rope, ves
+            x = block(x, rope, ves.get(i), None if kv is None else kv.layer("prelude", i))
+        return x
+
+    def loop_inputs(self, x: torch.Tensor, rope: torch.Tensor, ves: dict[int, torch.Tensor]) -> LoopInputs:
+        """What every loop reads: e = the (normed) prelude output, the injection's term in e, computed once."""
+        e = self.prelude_norm(x) if self.prelude_norm is not None else x
+        return LoopInputs(e=e, u=self.injection.prepare(e), rope=rope, ves=ves)
+
+    def select_rows(self, inputs: LoopInputs, rows: torch.Tensor, rope_per_row: bool = False) -> LoopInputs:
+        """The loop inputs of batch entries `rows`; the rotary table too when it is per sequence."""
+        return LoopInputs(
+            e=None,
+            u=self.injection.select(inputs.u, rows),
+            rope=inputs.rope[rows] if rope_per_row else inputs.rope,
+            ves={i: v[rows] for i, v in inputs.ves.items()},
+        )
+
+    def loop_step(
+        self, h: torch.Tensor, inputs: LoopInputs, kv: KVProvider | None = None, loop: int = 0
+    ) -> torch.Tensor:
+        """One loop: inject e into the state h (B, S, D), then the core blocks; `loop` (from 0) picks the
+        cache entries of this loop."""
+        h = self.injection.step(h, inputs.u)
+        p = self.cfg.prelude_layers
+        for i, block in enumerate(self.core):
+            h = block(
+                h, inputs.rope, inputs.ves.get(p + i), None if kv is None else kv.layer("core", i, loop)
+            )
+        return h
+
+    def run_coda(
+        self, h: torch.Tensor, rope: torch.Tensor, ves: dict[int, torch.Tensor], kv: KVProvider | None = None
+    ) -> torch.Tensor:
+        """Readout (looped models with `model.readout`), then the coda blocks: (B, S, D) → (B, S, D)."""
+        x = self.readout(h) if self.readout is not None else h
+        offset = self.cfg.prelude_layers + self.cfg.core_layers
+        for i, block in enumerate(self.coda):
+            x = block(x, rope, ves.get(offset + i), None if kv is None else kv.layer("coda", i))
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm, head and the optional soft-cap: (..., D) → float32 logits (..., V)."""
+        logits = self.head(self.final_norm(x)).float()
+        if self.cfg.logit_softcap is not None:
+            cap = self.cfg.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def _grid_rope(self, length: int) -> torch.Tensor:
         side = grid_side(length)
@@ -183,9 +250,9 @@ class LoopedLM(nn.Module):
             self._grid_tables[side] = table
         return table
 
-    def _loop_counts(
-        self, loops: int | torch.Tensor | None, batch: int, device: torch.device
-    ) -> torch.Tensor:
+    def loop_counts(self, loops: int | torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """`loops` as a (batch,) LongTensor on `device`: an int for every sequence, a tensor of counts, or None
+        for `cfg.loops`; counts below 1 are refused."""
         if loops is None:
             loops = self.cfg.loops
         if isinstance(loops, torch.Tensor):
@@ -230,56 +297,45 @@ class LoopedLM(nn.Module):
             return nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std, generator=gen)
         return h.normal_(generator=gen)
 
-    def core_step(self, h: torch.Tensor, u, rope: torch.Tensor, ves: dict[int, torch.Tensor]) -> torch.Tensor:
-        """One loop: inject, then the core blocks."""
-        h = self.injection.step(h, u)
-        p = self.cfg.prelude_layers
-        for i, block in enumerate(self.core):
-            h = block(h, rope, ves.get(p + i))
-        return h
-
     def iterate(
         self,
-        e: torch.Tensor,
-        rope: torch.Tensor,
-        ves: dict[int, torch.Tensor],
+        inputs: LoopInputs,
         loops: torch.Tensor,
         backprop_loops: int | None = None,
         keep_states: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Run the recurrence; returns (final state, mean state norm per loop, [h_0, h_1, ..., h_T] if kept).
+        """Run the recurrence from the initial state; returns (final state, mean state norm per loop,
+        [h_0, h_1, ..., h_T] if kept).
 
         Sequences are right-aligned: a sequence with T_b < T_max loops idles (and costs nothing) during the
         first T_max − T_b iterations, so the last k iterations are the gradient ones for every sequence.
         With `activation_checkpointing` set, each gradient loop is recomputed in backward instead of
         keeping its activations, so memory holds one loop's activations plus k states.
+        (`looped.infer.forward` schedules rows the other way round, for decoding with adaptive exit.)
         """
         t_max = int(loops.max())
         k = t_max if backprop_loops is None else max(0, min(int(backprop_loops), t_max))
         start = t_max - loops  # (B,) iteration at which each sequence begins
-        h = self.initial_state(e)
-        u = self.injection.prepare(e)
+        h = self.initial_state(inputs.e)
         norms: list[torch.Tensor] = []
         states = [h.detach()] if keep_states else []
         for t in range(t_max):
             grad = torch.is_grad_enabled() and t >= t_max - k
-            step = self._checkpointed_step if grad and self.activation_checkpointing else self.core_step
+            step = self._checkpointed_step if grad and self.activation_checkpointing else self.loop_step
             with torch.set_grad_enabled(grad):
                 active = start <= t
                 if bool(active.all()):
-                    h = step(h, u, rope, ves)
+                    h = step(h, inputs)
                 else:
                     rows = active.nonzero().squeeze(1)
-                    sub = {i: v[rows] for i, v in ves.items()}
-                    h_rows = step(h[rows], self.injection.select(u, rows), rope, sub)
-                    h = h.index_copy(0, rows, h_rows)
+                    h = h.index_copy(0, rows, step(h[rows], self.select_rows(inputs, rows)))
             norms.append(h.detach().norm(dim=-1).mean())
             if keep_states:
                 states.append(h.detach())
         return h, torch.stack(norms), states
 
-    def _checkpointed_step(self, h, u, rope, ves):
-        return torch.utils.checkpoint.checkpoint(self.core_step, h, u, rope, ves, use_reentrant=False)
+    def _checkpointed_step(self, h: torch.Tensor, inputs: LoopInputs) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.loop_step, h, inputs, use_reentrant=False)
 
     # ------------------------------------------------------------------ constraints and reports
     def constrained_weights(self) -> dict[str, nn.Parameter]:
@@ -323,10 +379,11 @@ class LoopedLM(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            x, rope, ves = self.encode(input_ids)
-            e = self.prelude_norm(x) if self.prelude_norm is not None else x
-            counts = self._loop_counts(loops, input_ids.shape[0], input_ids.device)
-            _, norms, states = self.iterate(e, rope, ves, counts, keep_states=True)
+            x, ves = self.embed_inputs(input_ids)
+            rope = self.rotary(x.shape[1])
+            inputs = self.loop_inputs(self.run_prelude(x, rope, ves), rope, ves)
+            counts = self.loop_counts(loops, input_ids.shape[0], input_ids.device)
+            _, norms, states = self.iterate(inputs, counts, keep_states=True)
         finally:
             self.train(was_training)
         report.state_norms = [float(n) for n in norms]
@@ -358,11 +415,3 @@ class LoopedLM(nn.Module):
     ) -> int:
         """KV-cache bytes per token; `shared` keeps one entry per core layer instead of one per (loop, layer)."""
         return accounting.kv_cache_bytes_per_token(self.cfg, loops or self.cfg.loops, dtype, shared)
-
-    # ------------------------------------------------------------------ generation
-    def generate(self, prompts, kv_cache: str | None = None, **kwargs):
-        """Generate with a KV cache: a thin wrapper over `looped.Engine(self, kv_cache=...).generate(prompts,
-        **kwargs)`; prompts are token ids (a list, a list of lists or a tensor). See `looped.infer.engine`."""
-        from looped.infer.engine import Engine
-
-        return Engine(self, kv_cache=kv_cache).generate(prompts, **kwargs)
