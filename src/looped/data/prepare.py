@@ -69,6 +69,35 @@ def prepare(
     Raises:
         DataError: Bad arguments, an unreadable or empty source, or an `out` that may not be replaced.
     """
+    _check_arguments(tokenizer, val_fraction, shard_tokens, seed)
+    out = Path(out)
+    _check_out(out, overwrite)
+
+    warn = _quiet_bars(warn) if progress else warn
+    docs, pieces = _read_documents(source, text_field, invalid_utf8, warn, progress)
+    train, val = split_documents(docs, val_fraction, seed)
+    tok = _fit_tokenizer(tokenizer, train, vocab_size, progress)
+    about = {
+        "source": str(source),
+        "text_field": text_field,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "invalid_utf8": invalid_utf8,
+        "pieces": pieces,
+    }
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        manifest = _write_dataset(tmp, tok, {"train": train, "val": val}, shard_tokens, about, progress)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _check_arguments(tokenizer: str, val_fraction: float, shard_tokens: int, seed: int) -> None:
     if tokenizer not in ("bpe", "bytes"):
         raise DataError(f"tokenizer must be 'bpe' or 'bytes', got {tokenizer!r}")
     if not 0 < val_fraction < 1:
@@ -77,67 +106,74 @@ def prepare(
         )
     if shard_tokens < 1 or seed < 0:
         raise DataError(f"shard_tokens must be ≥ 1 and seed ≥ 0, got {shard_tokens} and {seed}")
-    out = Path(out)
-    _check_out(out, overwrite)
 
-    warn = _quiet_bars(warn) if progress else warn
+
+def _read_documents(
+    source: str | Path,
+    text_field: str,
+    invalid_utf8: InvalidUTF8,
+    warn: Callable[[str], None],
+    progress: bool,
+) -> tuple[list[Document], dict[str, Any] | None]:
+    """The non-empty documents of `source`, and how the only document was cut into pieces (None if not)."""
     docs = iter_documents(source, text_field, invalid_utf8, warn)
     docs = [d for d in tqdm(docs, desc="reading", unit="doc", disable=not progress) if d.text]
     if not docs:
         raise DataError(f"{source}: no text (no documents, or only empty ones)")
-    pieces = None
-    if len(docs) == 1:
-        # One document (a single .txt file) cannot be split by document until it is cut into pieces.
-        name, docs = docs[0].name, cut_document(docs[0])
-        pieces = {"document": name, "count": len(docs), "note": "the only document, cut at blank lines"}
-    train, val = split_documents(docs, val_fraction, seed)
+    if len(docs) > 1:
+        return docs, None
+    # One document (a single .txt file) cannot be split by document until it is cut into pieces.
+    name, docs = docs[0].name, cut_document(docs[0])
+    return docs, {"document": name, "count": len(docs), "note": "the only document, cut at blank lines"}
 
-    if tokenizer == "bpe":
-        texts = tqdm(
-            (d.text for d in train), desc="BPE input", unit="doc", total=len(train), disable=not progress
-        )
-        tok = Tokenizer.train_bpe(texts, vocab_size, progress=progress)
-    else:
-        tok = Tokenizer.bytes()
+
+def _fit_tokenizer(kind: str, train: list[Document], vocab_size: int, progress: bool) -> Tokenizer:
+    """A BPE tokenizer trained on the train documents only, or the bytes tokenizer."""
+    if kind == "bytes":
+        return Tokenizer.bytes()
+    texts = tqdm(
+        (d.text for d in train), desc="BPE input", unit="doc", total=len(train), disable=not progress
+    )
+    return Tokenizer.train_bpe(texts, vocab_size, progress=progress)
+
+
+def _write_dataset(
+    folder: Path,
+    tok: Tokenizer,
+    splits: dict[str, list[Document]],
+    shard_tokens: int,
+    about: dict[str, Any],
+    progress: bool,
+) -> dict[str, Any]:
+    """Write each split's shards, the tokenizer and the manifest into `folder`; returns the manifest."""
     dtype = token_dtype(tok.vocab_size)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        shards, tokens = [], {}
-        for split, split_docs in (("train", train), ("val", val)):
-            writer = _ShardWriter(tmp, split, dtype, shard_tokens)
-            _write_split(tok, split_docs, writer, progress)
-            shards += writer.close()
-            tokens[split] = writer.total
-        tok.save(tmp)
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "source": str(source),
-            "text_field": text_field,
-            "tokenizer": tok.kind,
-            "vocab_size": tok.vocab_size,
-            "eot_id": tok.eot_id,
-            "separator": EOT if tok.eot_id is not None else BYTES_SEPARATOR,
-            "dtype": dtype.name,
-            "byteorder": "little",
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "invalid_utf8": invalid_utf8,
-            "pieces": pieces,
-            "documents": {
-                s: {"count": len(d), "names": [x.name for x in d]}
-                for s, d in (("train", train), ("val", val))
-            },
-            "tokens": tokens,
-            "shards": shards,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    shards, tokens = [], {}
+    for split, docs in splits.items():
+        writer = _ShardWriter(folder, split, dtype, shard_tokens)
+        _write_split(tok, docs, writer, progress)
+        shards += writer.close()
+        tokens[split] = writer.total
+    tok.save(folder)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "source": about["source"],
+        "text_field": about["text_field"],
+        "tokenizer": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "separator": EOT if tok.eot_id is not None else BYTES_SEPARATOR,
+        "dtype": dtype.name,
+        "byteorder": "little",
+        "seed": about["seed"],
+        "val_fraction": about["val_fraction"],
+        "invalid_utf8": about["invalid_utf8"],
+        "pieces": about["pieces"],
+        "documents": {s: {"count": len(d), "names": [x.name for x in d]} for s, d in splits.items()},
+        "tokens": tokens,
+        "shards": shards,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
