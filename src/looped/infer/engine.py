@@ -144,16 +144,30 @@ class Engine:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, *, kv_cache: str | None = None, device: str | torch.device = "cpu"
+        cls,
+        path: str | Path,
+        *,
+        kv_cache: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> Engine:
         """Load a checkpoint directory: weights, its tokenizer (checked against the model), [infer] defaults
-        and the calibration profile `looped calibrate` stored there, if any."""
+        and the calibration profile `looped calibrate` stored there, if any.
+
+        Args:
+            path: The checkpoint directory.
+            kv_cache: "shared" or "per-loop"; None: the checkpoint's infer.kv_cache.
+            device: "auto" (CUDA when available), "cpu", "cuda" or a torch.device; None: infer.device.
+            dtype: "float32", "bfloat16" or a torch.dtype; None: infer.dtype.
+        """
         from looped.checkpoint import CheckpointError, load, load_config_dir
         from looped.data.tokenizer import Tokenizer
 
         path = Path(path)
         cfg = load_config_dir(path)
-        model = load(path, device=device)
+        device = resolve_device(device if device is not None else cfg.infer.device)
+        dtype = resolve_dtype(dtype if dtype is not None else cfg.infer.dtype)
+        model = load(path, device=device, dtype=dtype)
         tokenizer = None
         if (path / "tokenizer.json").is_file():
             tokenizer = Tokenizer.load(path)
@@ -515,6 +529,35 @@ class Engine:
             self.step()
         results = [self.result(r) for r in requests]
         return results[0] if single else results
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch.device for "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N"; asking for
+    CUDA where there is none is a ValueError that says so (rather than torch's error deep in a load)."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; choose auto, cpu or cuda") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available ({why}); use cpu or auto")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch.dtype for "float32" or "bfloat16" (a torch.dtype passes through)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose {' or '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def check_tokenizer(path: Path, tokenizer, vocab_size: int) -> None:

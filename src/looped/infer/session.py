@@ -17,18 +17,27 @@ def generate_records(
     loops: list[int | None],
     *,
     kv_cache: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
     **kwargs,
 ) -> list[dict]:
     """Continue `prompt` once per entry of `loops` (None: the model's default or the budget's choice) with the
-    checkpoint's tokenizer; `kwargs` go to `Engine.generate`. One JSON-ready record per run."""
-    engine = Engine.from_checkpoint(checkpoint, kv_cache=kv_cache)
-    if engine.tokenizer is None:
-        raise ValueError(f"{checkpoint}: no tokenizer.json (checkpoints written by `looped train` carry one)")
+    checkpoint's tokenizer, on `device` in `dtype` (None: the checkpoint's [infer] values); `kwargs` go to
+    `Engine.generate`. One JSON-ready record per run."""
+    engine = _engine(checkpoint, kv_cache, device, dtype)
     records = []
     for t in loops:
         g = engine.generate(prompt, loops=t, **kwargs)
         records.append(record(g, t, engine, kwargs.get("exit")))
     return records
+
+
+def _engine(checkpoint: str | Path, kv_cache: str | None, device: str | None, dtype: str | None) -> Engine:
+    """The checkpoint's Engine, which must have a tokenizer to take text."""
+    engine = Engine.from_checkpoint(checkpoint, kv_cache=kv_cache, device=device, dtype=dtype)
+    if engine.tokenizer is None:
+        raise ValueError(f"{checkpoint}: no tokenizer.json (checkpoints written by `looped train` carry one)")
+    return engine
 
 
 def record(g: Generation, loops: int | None, engine: Engine, exit: str | None) -> dict:
@@ -63,10 +72,14 @@ def calibrate_checkpoint(
     tokens: int = 16,
     kv_cache: str | None = None,
     out: str | Path | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> tuple[Profile, Path]:
-    """Measure decode ms per step against loops for the checkpoint on this machine; store the profile in the
-    checkpoint directory (or `out`), where `Engine.from_checkpoint` finds it."""
-    engine = Engine.from_checkpoint(checkpoint, kv_cache=kv_cache)
+    """Measure decode ms per step against loops for the checkpoint on this machine (on `device` in `dtype`;
+    None: the checkpoint's [infer] values); store the profile in the checkpoint directory (or `out`), where
+    `Engine.from_checkpoint` finds it."""
+    engine = Engine.from_checkpoint(checkpoint, kv_cache=kv_cache, device=device, dtype=dtype)
     cap = engine.infer.max_loops
     if max(loops) > cap:
         raise ValueError(f"loops must lie in [1, {cap}] (infer.max_loops), got {max(loops)}")
@@ -105,19 +118,30 @@ def chat(
     temperature: float | None = None,
     stop: list[str] | None = None,
     seed: int = 0,
+    device: str | None = None,
+    dtype: str | None = None,
     read: Callable[[str], str] = input,
     out: TextIO = sys.stdout,
 ) -> None:
     """An interactive session: each line is appended to the transcript and the model continues it, streaming;
-    after each reply, the loops per token. The transcript is cut from the left to fit the context."""
-    engine = Engine.from_checkpoint(checkpoint, kv_cache=kv_cache)
-    if engine.tokenizer is None:
-        raise ValueError(f"{checkpoint}: no tokenizer.json (checkpoints written by `looped train` carry one)")
+    after each reply, the loops per token. The transcript is cut from the left to fit the context.
+    `device` and `dtype` (None: the checkpoint's [infer] values) say where the model runs."""
+    engine = _engine(checkpoint, kv_cache, device, dtype)
+    context = engine.model.cfg.max_seq_len
+    if context - max_new_tokens - 1 < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room in a {context}-token context")
     settings = {
         "loops": loops,
         "exit": exit,
         "max_ms_per_token": max_ms_per_token,
         "temperature": temperature,
+    }
+    fixed = {
+        "max_flops_per_token": max_flops_per_token,
+        "min_loops": min_loops,
+        "warm_start": warm_start,
+        "max_new_tokens": max_new_tokens,
+        "stop": stop if stop is not None else ["\n\n"],
     }
     print(HELP, file=out)
     transcript = ""
@@ -134,45 +158,39 @@ def chat(
             if line.strip() == "/reset":
                 transcript = ""
             continue
-        transcript += line + "\n"
-        ids = engine.tokenizer.encode(transcript)
-        room = engine.model.cfg.max_seq_len - max_new_tokens - 1
-        if room < 1:
-            raise ValueError(
-                f"max_new_tokens {max_new_tokens} leaves no room in a {room + max_new_tokens + 1}-token context"
-            )
-        ids = ids[-room:]
+        reply = _reply(engine, transcript + line + "\n", settings, fixed, seed + turn, out)
+        if reply is not None:
+            transcript = reply
+            turn += 1
 
-        def stream(req, delta):
-            out.write(delta)
-            out.flush()
 
-        try:
-            g = engine.generate(
-                ids,
-                loops=settings["loops"],
-                exit=settings["exit"],
-                max_ms_per_token=settings["max_ms_per_token"],
-                max_flops_per_token=max_flops_per_token if settings["loops"] is None else None,
-                min_loops=min_loops,
-                warm_start=warm_start,
-                temperature=settings["temperature"],
-                max_new_tokens=max_new_tokens,
-                stop=stop if stop is not None else ["\n\n"],
-                seed=seed + turn,
-                on_token=stream,
-            )
-        except ValueError as e:
-            print(f"error: {e}", file=out)
-            continue
-        turn += 1
-        text = engine.tokenizer.decode(g.token_ids) if g.text is None else g.text
-        transcript = engine.tokenizer.decode(ids) + text + "\n"
-        print(
-            f"\n[{len(g.token_ids)} tokens · {g.tokens_per_s:.0f} tokens/s · mean loops {g.mean_loops:.2f} · "
-            f"loops {' '.join(map(str, g.loops))}]",
-            file=out,
-        )
+def _reply(
+    engine: Engine, transcript: str, settings: dict, fixed: dict, seed: int, out: TextIO
+) -> str | None:
+    """Continue `transcript` (cut from the left to leave room for the reply), streaming to `out`; returns the
+    transcript with the reply, or None after printing why a setting was refused."""
+    room = engine.model.cfg.max_seq_len - fixed["max_new_tokens"] - 1
+    ids = engine.tokenizer.encode(transcript)[-room:]
+
+    def stream(req, delta):
+        out.write(delta)
+        out.flush()
+
+    compute = dict(settings)
+    if settings["loops"] is not None:
+        compute["max_flops_per_token"] = None  # an explicit /loops replaces the FLOP budget
+    try:
+        g = engine.generate(ids, **{**fixed, **compute}, seed=seed, on_token=stream)
+    except ValueError as e:
+        print(f"error: {e}", file=out)
+        return None
+    text = engine.tokenizer.decode(g.token_ids) if g.text is None else g.text
+    print(
+        f"\n[{len(g.token_ids)} tokens · {g.tokens_per_s:.0f} tokens/s · mean loops {g.mean_loops:.2f} · "
+        f"loops {' '.join(map(str, g.loops))}]",
+        file=out,
+    )
+    return engine.tokenizer.decode(ids) + text + "\n"
 
 
 def _command(line: str, settings: dict, out: TextIO) -> bool:
