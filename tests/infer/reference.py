@@ -37,13 +37,17 @@ def _attention(model, attn, xq, keys_in, pos_q, pos_k, tok_k, ve_emb):
 
 
 @torch.no_grad()
-def reference_logits(model: LoopedLM, ids: list[int], prompt_len: int, loops: int, rule: str) -> torch.Tensor:
+def reference_logits(
+    model: LoopedLM, ids: list[int], prompt_len: int, loops: int | list[int], rule: str
+) -> torch.Tensor:
     """Next-token logits at positions prompt_len-1 .. len(ids)-1 (one row each).
 
-    rule "per-loop": at loop t every earlier position contributes its loop-t input.
+    `loops`: one count for every position, or T_j per position j.
+    rule "per-loop": at loop t an earlier position j contributes its loop-min(t, T_j) input.
     rule "shared": prompt positions see each other at the current loop (a parallel prefill); a later position
-    sees every earlier one at its last loop.
+    sees every earlier one at its last loop T_j.
     """
+    counts = [loops] * len(ids) if isinstance(loops, int) else list(loops)
     cfg = model.cfg
     P, C = cfg.prelude_layers, cfg.core_layers
     tokens = torch.tensor(ids)
@@ -65,16 +69,19 @@ def reference_logits(model: LoopedLM, ids: list[int], prompt_len: int, loops: in
         e = model.prelude_norm(x) if model.prelude_norm is not None else x
         h = model.initial_state(e[None, None], torch.tensor([[s]]))[0, 0]
         u = model.injection.prepare(e[None, None])
-        for t in range(loops):
+        for t in range(counts[s]):
             h = model.injection.step(h[None, None], u)[0, 0]
             for i, b in enumerate(model.core):
                 k = slot(("core", i, t))
-                last = ("core", i, loops - 1)
 
-                def pick(j, k=k, last=last, s=s):
-                    if rule == "per-loop" or j == s or (j < prompt_len and s < prompt_len):
+                def pick(j, k=k, i=i, t=t, s=s):
+                    if j == s:
                         return k
-                    return last
+                    if rule == "per-loop":
+                        return ("core", i, min(t, counts[j] - 1))
+                    if j < prompt_len and s < prompt_len:
+                        return k
+                    return ("core", i, counts[j] - 1)
 
                 h = _block(model, b, h, inputs, k, pick, s, tokens, ves.get(P + i))
         x = model.readout(h) if model.readout is not None else h

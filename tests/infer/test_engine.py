@@ -108,18 +108,42 @@ def test_exit_with_a_tight_threshold_runs_every_loop(model):
     )
 
 
+@torch.no_grad()
+def warm_greedy(model: LoopedLM, prompt: list[int], loops: int, steps: int) -> list[int]:
+    """Greedy decoding without a cache in which every generated token's loop starts from the previous
+    position's final state: the whole sequence is recomputed each step with those initial states."""
+    ids, warm = list(prompt), []
+    for _ in range(steps):
+        x, ves = model.embed_inputs(torch.tensor([ids]))
+        rope = model.rotary(len(ids))
+        inputs = model.loop_inputs(model.run_prelude(x, rope, ves), rope, ves)
+        h = model.initial_state(inputs.e)
+        if warm:
+            h[0, len(prompt) :] = torch.stack(warm)
+        for _ in range(loops):
+            h = model.loop_step(h, inputs)
+        ids.append(int(model.logits(model.run_coda(h, rope, ves))[0, -1].argmax()))
+        warm.append(h[0, -1])  # the next position starts from this one's final state
+    return ids[len(prompt) :]
+
+
 def test_warm_start_runs_from_the_previous_state(model):
-    cold = Engine(model).generate(PROMPTS[1], loops=3, max_new_tokens=6, temperature=0)
-    warm = Engine(model).generate(PROMPTS[1], loops=3, warm_start=True, max_new_tokens=6, temperature=0)
-    assert warm.token_ids[0] == cold.token_ids[0]  # the first token comes from the prefill
-    assert len(warm.token_ids) == 6
+    cold = Engine(model, kv_cache="per-loop").generate(PROMPTS[1], loops=2, max_new_tokens=8, temperature=0)
+    warm = Engine(model, kv_cache="per-loop").generate(
+        PROMPTS[1], loops=2, warm_start=True, max_new_tokens=8, temperature=0
+    )
+    assert warm.token_ids == warm_greedy(model, PROMPTS[1], 2, 8)
+    assert cold.token_ids == uncached_greedy(model, PROMPTS[1], 2, 8)
+    assert warm.token_ids != cold.token_ids  # the two starts lead to different text on this model
 
 
 def test_flop_budget_picks_the_most_loops_that_fit(model):
     budget = model.flops_per_token(5, 16) + 1
     assert loops_for_flops(model, budget, 16, 64) == 5
-    out = Engine(model).generate(PROMPTS[0], max_flops_per_token=budget, max_new_tokens=3, temperature=0)
-    assert out.loops == [5, 5, 5] or out.loops[0] <= 5
+    # A request is costed at its full length: 3 prompt + 13 new tokens = 16.
+    out = Engine(model).generate(PROMPTS[0], max_flops_per_token=budget, max_new_tokens=13, temperature=0)
+    assert out.loops == [5] * 13
+    assert model.flops_per_token(6, 16) > budget  # the sixth loop would not have fit
     with pytest.raises(ValueError, match="below the cost of one loop"):
         Engine(model).generate(PROMPTS[0], max_flops_per_token=10.0, max_new_tokens=3)
 
