@@ -25,6 +25,7 @@ from looped.science.laws import (
     compute_optimal_scaling,
     leave_one_out,
 )
+from looped.science.plots import plot_fits
 
 # Parcae-like values (arXiv 2604.12946 reports a ≈ 0.77, b ≈ 0.5): every term matters on the grids below.
 TRUE = {
@@ -216,7 +217,9 @@ SWEEP = [(p, d, mu) for p in (1e6, 4e6, 1.6e7) for d in (1e7, 1e8, 1e9) for mu i
 
 def test_fit_results_end_to_end(tmp_path):
     path = write_results(tmp_path / "results.jsonl", SWEEP)
-    result = fit_results(path, out_dir=tmp_path / "plots", bootstrap_samples=20)
+    fit = fit_results(path, bootstrap_samples=20)
+    fit.plots = [str(p) for p in plot_fits(fit, tmp_path / "plots")]
+    result = fit.to_json()
     json.dumps(result, allow_nan=False)
     laws = result["laws"]
     assert result["runs"] == 18
@@ -239,8 +242,9 @@ def test_fit_results_end_to_end(tmp_path):
     opt = result["compute_optimal"]
     assert set(opt) == {"params=1e+06", "params=4e+06", "params=1.6e+07"}
     assert all(e["status"] == "fitted" and len(e["points"]) >= 3 for e in opt.values())
-    text = format_fit(result)
+    text = format_fit(fit)
     assert "unified law" in text and "μ* ∝ C^" in text and "standard model" in text
+    assert "plots: " + ", ".join(fit.plots) in text
     for name in ("fit_test_time.png", "fit_training.png", "fit_unified.png"):
         png = (tmp_path / "plots" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -249,7 +253,9 @@ def test_fit_results_end_to_end(tmp_path):
 
 def test_too_few_runs_skip_laws_with_a_reason(tmp_path):
     path = write_results(tmp_path / "one.jsonl", [(1e6, 1e8, 4.0)])
-    result = fit_results(path, out_dir=tmp_path / "plots", bootstrap_samples=10)
+    fit = fit_results(path, bootstrap_samples=10)
+    written = plot_fits(fit, tmp_path / "plots")
+    result = fit.to_json()
     assert result["laws"]["test_time"]["runs"]["p1e+06-d1e+08-mu4"]["status"] == "fitted"
     assert result["laws"]["training"] == {**result["laws"]["training"], "status": "skipped"}
     for law in ("training", "unified"):
@@ -258,11 +264,11 @@ def test_too_few_runs_skip_laws_with_a_reason(tmp_path):
             in result["laws"][law]["reason"]
         )
     assert result["compute_optimal"]["all"]["status"] == "skipped"
-    assert "skipped" in format_fit(result)
-    assert [p.rsplit("/", 1)[-1] for p in result["plots"]] == ["fit_test_time.png"]
+    assert "skipped" in format_fit(fit)
+    assert [p.name for p in written] == ["fit_test_time.png"]  # only the law that was fitted is drawn
     # Five runs that all share one token count cannot separate B·D^−b from E.
     same_d = write_results(tmp_path / "same.jsonl", [(p, 1e8, 4.0) for p in (1e6, 2e6, 4e6, 8e6, 1.6e7)])
-    assert "same tokens" in fit_results(same_d, bootstrap_samples=0)["laws"]["training"]["reason"]
+    assert "same tokens" in fit_results(same_d, bootstrap_samples=0).laws["training"]["reason"]
 
 
 GOOD = {"run": "a", "looped": True, "mean_loops": 4, "loops": 2, "params": 1e6, "unrolled_params": 2e6,

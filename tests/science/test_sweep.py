@@ -52,8 +52,8 @@ def test_sweep_runs_the_grid_and_skips_what_finished(data, tmp_path):
     from looped.science.fit import fit_results
 
     fit = fit_results(results, bootstrap_samples=10)
-    assert fit["records"] == 12
-    assert set(fit["laws"]["test_time"]["runs"]) == runs
+    assert len(fit.records) == 12
+    assert set(fit.laws["test_time"]["runs"]) == runs
     # Run again: nothing is re-run and nothing is added.
     before = results.read_text()
     messages.clear()

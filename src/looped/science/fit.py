@@ -1,19 +1,19 @@
 """`looped fit`: read a sweep's results.jsonl, check it, fit the laws of `looped.science.laws` to it (test-time
-per run, training and unified across runs), predict compute-optimal μ and tokens, and format the result."""
+per run, training and unified across runs), predict compute-optimal μ and tokens, and format the result.
+Plotting the result is the caller's step (`looped.science.plots.plot_fits`); this module draws nothing."""
 
 from __future__ import annotations
 
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from looped.config import ModelConfig
-
+from looped.errors import FitError
 from looped.science.laws import (
     HUBER_DELTA,
     Law,
@@ -26,9 +26,8 @@ from looped.science.laws import (
     leave_one_out,
 )
 
-
-class FitError(ValueError):
-    """A results file that cannot be fitted as written: the message names file:line and the problem."""
+if TYPE_CHECKING:
+    from looped.config import ModelConfig
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -136,7 +135,10 @@ def _nearest(recs: list[dict], target: int) -> dict:
     return min(recs, key=lambda r: (abs(r["loops"] - target), r["loops"]))
 
 
-def _columns(recs: list[dict], standard_as_one: bool = False) -> dict[str, np.ndarray]:
+def columns(recs: list[dict], standard_as_one: bool = False) -> dict[str, np.ndarray]:
+    """The laws' columns (loops, mean_loops, unrolled_params, tokens, loss) of `recs` as float arrays; with
+    `standard_as_one`, a standard model's loops and mean_loops read 1 (see below)."""
+
     # A standard model runs its full depth once: as a point of the unified law it has T = μ = 1.
     def get(r: dict, key: str) -> float:
         return 1.0 if standard_as_one and not r["looped"] and key in ("loops", "mean_loops") else r[key]
@@ -210,7 +212,7 @@ def _fit_law(
     skip: str | None = None,
 ) -> tuple[dict, Law | None]:
     """One law's JSON entry (parameters, CIs, LOO error) and the fitted law; skipped with a reason."""
-    cols = _columns(recs, standard_as_one=True)
+    cols = columns(recs, standard_as_one=True)
     y = cols.pop("loss")
     n_params = len(law.names())
     entry: dict = {"formula": law.formula, "points": len(y)}
@@ -281,24 +283,69 @@ def _compute_optimal_entries(law: UnifiedLaw, records: list[dict], budgets: list
     return out or {"all": {"status": "skipped", "reason": "no looped runs"}}
 
 
+@dataclass
+class FitResult:
+    """What `fit_results` found: the JSON summary (`to_json`, what `looped fit --json` prints) and, for
+    plotting (`looped.science.plots.plot_fits`), the fitted laws with the points each was fitted to."""
+
+    file: str
+    records: list[dict]
+    runs: dict[str, list[dict]]
+    """Each run's records, sorted by loops."""
+    laws: dict[str, dict]
+    """JSON entries "test_time" (per run), "training" and "unified": parameters, intervals, errors or why skipped."""
+    compute_optimal: dict[str, dict]
+    """JSON entries per architecture (or "given"): compute-optimal μ and tokens per FLOP budget, or why skipped."""
+    test_time_fits: dict[str, TestTimeLaw]
+    """The test-time law of every looped run it could be fitted to."""
+    training_points: list[dict]
+    """One record per run: the loss at T = round(μ), or at the nearest T evaluated."""
+    training_fit: TrainingLaw | None
+    unified_points: list[dict]
+    """Every record of a looped run and one per standard run."""
+    unified_fit: UnifiedLaw | None
+    plots: list[str] = field(default_factory=list)
+    """Files the caller drew from this result, listed by `to_json` and `format_fit`."""
+
+    def unified_columns(self) -> dict[str, np.ndarray]:
+        """The columns the unified law was fitted to (a standard model at T = μ = 1)."""
+        return columns(self.unified_points, standard_as_one=True)
+
+    def to_json(self) -> dict[str, Any]:
+        """The result as plain JSON: file, counts, the fit's settings, laws, compute-optimal and plots."""
+        out: dict[str, Any] = {
+            "file": self.file,
+            "records": len(self.records),
+            "runs": len(self.runs),
+            "huber_delta": HUBER_DELTA,
+            "residuals": "log loss",
+            "laws": self.laws,
+            "compute_optimal": self.compute_optimal,
+        }
+        if self.plots:
+            out["plots"] = list(self.plots)
+        return out
+
+
 def fit_results(
     path: str | Path,
-    out_dir: str | Path | None = None,
     bootstrap_samples: int = 200,
     seed: int = 0,
     flops_per_token_fn: Callable[[int], float] | None = None,
     unrolled_params_fn: Callable[[int], float] | None = None,
-) -> dict:
-    """Fit the test-time (per looped run), training and unified laws to a results.jsonl; JSON-ready.
+) -> FitResult:
+    """Fit the test-time (per looped run), training and unified laws to a results.jsonl.
 
     Args:
         path: the sweep's results.jsonl (see load_results for the keys).
-        out_dir: write fit_test_time.png, fit_training.png and fit_unified.png here.
         bootstrap_samples: resamples (of runs; of points for the per-run test-time law) for 95 % intervals.
         seed: the bootstrap's seed.
         flops_per_token_fn, unrolled_params_fn: μ → training FLOPs per token and μ → N(μ) of the model to
             plan compute-optimal runs for (see accounting_fns); when absent, each looped architecture
             (grouped by params) gets them from its records (see data_accounting).
+
+    Returns:
+        The fits; `to_json()` is the JSON summary, `looped.science.plots.plot_fits` draws them.
 
     A law without enough data is "skipped" with a reason; a malformed or empty file raises FitError.
     """
@@ -306,14 +353,6 @@ def fit_results(
         raise ValueError("pass flops_per_token_fn and unrolled_params_fn together")
     records = load_results(path)
     runs = _by_run(records)
-    result: dict = {
-        "file": str(path),
-        "records": len(records),
-        "runs": len(runs),
-        "huber_delta": HUBER_DELTA,
-        "residuals": "log loss",
-        "laws": {},
-    }
     test_time, fitted_tt = {}, {}
     for run, recs in runs.items():
         skip = None if recs[0]["looped"] else "standard model: its loss does not depend on loops"
@@ -321,7 +360,6 @@ def fit_results(
         test_time[run] = {"mean_loops": recs[0]["mean_loops"], **entry}
         if law is not None:
             fitted_tt[run] = law
-    result["laws"]["test_time"] = {"formula": TestTimeLaw.formula, "runs": test_time}
 
     chosen, loops_used = training_points(records)
     skip = _run_level_gap(chosen)
@@ -329,7 +367,6 @@ def fit_results(
         TrainingLaw, chosen, [r["run"] for r in chosen], bootstrap_samples, seed, skip
     )
     training["loops_used"] = loops_used
-    result["laws"]["training"] = training
 
     points = unified_points(records)
     skip = _run_level_gap(points)
@@ -338,22 +375,28 @@ def fit_results(
     unified, fitted_c = _fit_law(
         UnifiedLaw, points, [r["run"] for r in points], bootstrap_samples, seed, skip
     )
-    result["laws"]["unified"] = unified
 
     if fitted_c is None:
-        result["compute_optimal"] = {"all": {"status": "skipped", "reason": "the unified law was not fitted"}}
+        optimal = {"all": {"status": "skipped", "reason": "the unified law was not fitted"}}
     else:
         fns = None if flops_per_token_fn is None else (flops_per_token_fn, unrolled_params_fn)
-        result["compute_optimal"] = _compute_optimal_entries(fitted_c, records, _budgets(records), fns)
-
-    if out_dir is not None:
-        out = Path(out_dir)
-        from looped.science.plots import plot_fits
-
-        result["plots"] = [
-            str(p) for p in plot_fits(runs, fitted_tt, chosen, fitted_b, points, fitted_c, out)
-        ]
-    return result
+        optimal = _compute_optimal_entries(fitted_c, records, _budgets(records), fns)
+    return FitResult(
+        file=str(path),
+        records=records,
+        runs=runs,
+        laws={
+            "test_time": {"formula": TestTimeLaw.formula, "runs": test_time},
+            "training": training,
+            "unified": unified,
+        },
+        compute_optimal=optimal,
+        test_time_fits=fitted_tt,
+        training_points=chosen,
+        training_fit=fitted_b,
+        unified_points=points,
+        unified_fit=fitted_c,
+    )
 
 
 def _run_level_gap(recs: list[dict]) -> str | None:
@@ -380,8 +423,9 @@ def _loo_text(entry: dict) -> str:
     return f"LOO rel. error: mean {100 * loo['mean_rel_error']:.2f} %, max {100 * loo['max_rel_error']:.2f} % ({loo['folds']} folds)"
 
 
-def format_fit(result: dict) -> str:
+def format_fit(fit: FitResult) -> str:
     """The fits as readable tables: parameters with 95 % intervals, errors, compute-optimal predictions."""
+    result = fit.to_json()
     lines = [
         f"{result['file']}: {result['records']} records, {result['runs']} runs "
         f"(Huber δ = {result['huber_delta']} on {result['residuals']} residuals)"

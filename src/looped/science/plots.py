@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from looped.science.fit import FitResult
 
 
 def plot_loss_vs_loops(curves: dict[str, dict[float, float]], path: str | Path, title: str = "") -> Path:
@@ -32,20 +36,24 @@ def plot_loss_vs_loops(curves: dict[str, dict[float, float]], path: str | Path, 
     return path
 
 
-def plot_fits(runs, fitted_tt, chosen, fitted_b, points, fitted_c, out: Path) -> list[Path]:
-    """`looped fit`'s plots: loss against loops per run with its test-time law, the training law over tokens
-    coloured by N(μ), and the unified law's predictions against the measurements."""
+def plot_fits(fit: FitResult, out: str | Path) -> list[Path]:
+    """`looped fit`'s plots of a `fit_results` result, into `out`: loss against loops per run with its
+    test-time law (fit_test_time.png), the training law over tokens coloured by N(μ) (fit_training.png), and
+    the unified law's predictions against the measurements (fit_unified.png); only those whose law was
+    fitted. Returns the files written."""
     import matplotlib
     import numpy as np
 
-    from looped.science.fit import _columns
     from looped.science.laws import TestTimeLaw, TrainingLaw, UnifiedLaw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    runs, fitted_tt, chosen = fit.runs, fit.test_time_fits, fit.training_points
+    fitted_b, fitted_c = fit.training_fit, fit.unified_fit
 
     def save(fig, name: str) -> None:
         fig.tight_layout()
@@ -89,7 +97,7 @@ def plot_fits(runs, fitted_tt, chosen, fitted_b, points, fitted_c, out: Path) ->
 
     if fitted_c is not None:  # (iii) the unified law's predictions against the measurements
         fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
-        cols = _columns(points, standard_as_one=True)
+        cols = fit.unified_columns()
         pred = np.asarray(fitted_c.predict(**cols))
         sc = ax.scatter(cols["loss"], pred, c=cols["loops"] / cols["mean_loops"], cmap="plasma", s=14)
         lo, hi = min(cols["loss"].min(), pred.min()), max(cols["loss"].max(), pred.max())

@@ -51,9 +51,12 @@ def _sections(folder: Path) -> list[tuple[str, str, list[Path]]]:
         (folder / f).is_file() for f in ("compare.json", "stability.json", "transfer.json")
     ):
         from looped.science.fit import fit_results, format_fit
+        from looped.science.plots import plot_fits
 
-        fit = fit_results(results, out_dir=folder / "fit")
-        out.append(("Scaling-law fits", format_fit(fit), sorted((folder / "fit").glob("*.png"))))
+        fit = fit_results(results)
+        plots = plot_fits(fit, folder / "fit")
+        fit.plots = [str(p) for p in plots]
+        out.append(("Scaling-law fits", format_fit(fit), plots))
     return out
 
 
