@@ -68,3 +68,39 @@ def test_bad_checkpoints_name_what_is_wrong(tmp_path):
     (path / "config.toml").write_text("[model]\n")
     with pytest.raises(CheckpointError, match="cannot read safetensors"):
         looped.load(path)
+
+
+def test_read_run_is_the_one_reader_of_run_json(tmp_path):
+    from looped.checkpoint import read_run
+
+    assert read_run(tmp_path) == {}  # no run.json: nothing recorded
+    path = looped.save(looped.LoopedLM(tiny()), tmp_path / "ck", task="parity")
+    run = read_run(path)
+    assert run == json.loads((path / "run.json").read_text()) and run["task"] == "parity"
+    for text, match in (("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object")):
+        (path / "run.json").write_text(text)
+        with pytest.raises(CheckpointError, match=match) as info:
+            read_run(path)
+        assert str(path / "run.json") in str(info.value)
+        with pytest.raises(CheckpointError, match=match):  # load reads run.json's model_class through it
+            looped.load(path)
+
+
+def test_check_tokenizer_refuses_another_vocabulary_or_file(tmp_path):
+    from looped.checkpoint import check_tokenizer, sha256
+    from looped.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.bytes()
+    path = tmp_path / "ck"
+    path.mkdir()
+    tok.save(path / "tokenizer.json")
+    check_tokenizer(path, tok, tok.vocab_size)  # no run.json: only the size is checked
+    with pytest.raises(
+        CheckpointError, match=f"has {tok.vocab_size} tokens but the model's vocabulary has 300"
+    ):
+        check_tokenizer(path, tok, 300)
+    (path / "run.json").write_text(json.dumps({"tokenizer_sha256": sha256(path / "tokenizer.json")}))
+    check_tokenizer(path, tok, tok.vocab_size)  # the recorded file
+    (path / "tokenizer.json").write_text((path / "tokenizer.json").read_text() + " ")
+    with pytest.raises(CheckpointError, match="not the tokenizer this model was trained with"):
+        check_tokenizer(path, tok, tok.vocab_size)

@@ -1,8 +1,11 @@
-"""Native checkpoint directories: config.toml + model.safetensors + run.json, written atomically, loaded by `looped.load`."""
+"""Native checkpoint directories: config.toml + model.safetensors + run.json (+ tokenizer.json), written
+atomically, loaded by `looped.load`; `read_run` is the one reader of run.json, `check_tokenizer` the check
+that a tokenizer belongs to the model."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -19,13 +22,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from looped.config import Config, ConfigError, from_dict, to_toml
+from looped.errors import CheckpointError
 from looped.model.lm import LoopedLM
 
-CONFIG, WEIGHTS, RUN = "config.toml", "model.safetensors", "run.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be read or written; the message names the file or key."""
+CONFIG, WEIGHTS, RUN, TOKENIZER = "config.toml", "model.safetensors", "run.json", "tokenizer.json"
 
 
 def _git_commit() -> str | None:
@@ -150,10 +150,53 @@ def load_module(path: str | Path, build: Callable[[Config], torch.nn.Module]) ->
 
 def _model_class(path: Path) -> str:
     """run.json's model_class: which module the weights belong to (LoopedLM unless a task model says so)."""
+    return str(read_run(path).get("model_class", "LoopedLM"))
+
+
+def read_run(path: str | Path) -> dict[str, Any]:
+    """The checkpoint directory's run.json (provenance: commit, versions, command line, and what the writer
+    added, e.g. task, model_class, tokenizer_sha256); {} when there is none. Raises CheckpointError naming
+    the file when it is not a JSON object."""
+    file = Path(path) / RUN
     try:
-        return str(json.loads((path / RUN).read_text()).get("model_class", "LoopedLM"))
-    except (OSError, ValueError):
-        return "LoopedLM"
+        text = file.read_text()
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: cannot read: {e}") from None
+    try:
+        run = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: not valid JSON: {e}") from None
+    if not isinstance(run, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(run).__name__}")
+    return run
+
+
+def sha256(file: str | Path) -> str:
+    """The file's sha256 as hex, read in chunks."""
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_tokenizer(path: str | Path, tokenizer: Any, vocab_size: int) -> None:
+    """Refuse a tokenizer that does not belong to the model in checkpoint `path`: another vocabulary size
+    than `vocab_size`, or a tokenizer.json other than the one whose sha256 run.json recorded at training
+    time. `tokenizer` is anything with a `vocab_size` (a `looped.data.tokenizer.Tokenizer`)."""
+    path = Path(path)
+    if tokenizer.vocab_size != vocab_size:
+        raise CheckpointError(
+            f"{path / TOKENIZER} has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+            f"{vocab_size}: the tokenizer belongs to another model"
+        )
+    recorded = read_run(path).get("tokenizer_sha256")
+    if recorded:
+        actual = sha256(path / TOKENIZER)
+        if actual != recorded:
+            raise CheckpointError(
+                f"{path / TOKENIZER} is not the tokenizer this model was trained with "
+                f"(sha256 {actual[:12]}…, {RUN} records {recorded[:12]}…)"
+            )
 
 
 def load_weights(model: LoopedLM, weights: dict[str, torch.Tensor], source: str) -> None:
