@@ -160,7 +160,7 @@ class Engine:
             device: "auto" (CUDA when available), "cpu", "cuda" or a torch.device; None: infer.device.
             dtype: "float32", "bfloat16" or a torch.dtype; None: infer.dtype.
         """
-        from looped.checkpoint import CheckpointError, load, load_config_dir
+        from looped.checkpoint import CheckpointError, check_tokenizer, load, load_config_dir
         from looped.data.tokenizer import Tokenizer
 
         path = Path(path)
@@ -558,31 +558,3 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose {' or '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def check_tokenizer(path: Path, tokenizer, vocab_size: int) -> None:
-    """Refuse a tokenizer.json that does not belong to the model: other vocabulary size or other file than
-    the one recorded at training time."""
-    import hashlib
-    import json
-
-    from looped.checkpoint import CheckpointError
-
-    if tokenizer.vocab_size != vocab_size:
-        raise CheckpointError(
-            f"{path}/tokenizer.json has {tokenizer.vocab_size} tokens but the model's vocabulary has "
-            f"{vocab_size}: the tokenizer belongs to another model"
-        )
-    run = path / "run.json"
-    if run.is_file():
-        try:
-            recorded = json.loads(run.read_text()).get("tokenizer_sha256")
-        except ValueError:
-            recorded = None
-        if recorded:
-            actual = hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()
-            if actual != recorded:
-                raise CheckpointError(
-                    f"{path}/tokenizer.json is not the tokenizer this model was trained with "
-                    f"(sha256 {actual[:12]}…, run.json records {recorded[:12]}…)"
-                )
