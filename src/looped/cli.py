@@ -1,36 +1,25 @@
-"""The `looped` command line: argument parsing only; each subcommand calls one library function."""
+"""The `looped` command line: argument parsing only; each subcommand calls one library function.
+
+Every subcommand's parser sets `run`, its handler: a small function that imports what it calls (so that
+`looped --help` imports no torch) and prints the result. A library error of the kinds in `looped.errors`
+becomes one line on stderr and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from looped.checkpoint import CheckpointError
-from looped.config import ConfigError
-from looped.data.errors import DataError
-from looped.interop.parcae import ConversionError
-from looped.train.trainer import TrainingError
+from looped.errors import USER_ERRORS
 
 INFO_LOOPS = (1, 2, 4, 8, 16, 32)
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16")
 
 
-def _model_source(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "checkpoint", nargs="?", help="a looped checkpoint directory (instead of --preset/--config)"
-    )
-    # Presets and files share one list, so they apply in the order given on the command line.
-    p.add_argument(
-        "--preset", dest="files", action="append", default=[], metavar="NAME", help="a preset from configs/"
-    )
-    p.add_argument("--config", dest="files", action="append", metavar="FILE", help="a TOML config file")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (repeatable)",
-    )
+# ---------------------------------------------------------------- argument types
 
 
 def _int_list(text: str) -> list[int]:
@@ -60,10 +49,438 @@ def _positive(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="looped", description="Looped (recurrent-depth) transformers.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _non_negative(text: str) -> int:
+    return _positive(text) if text.strip() != "0" else 0
 
+
+def _lrs(text: str | None) -> list[float] | None:
+    """--lrs "1e-3,3e-3" as numbers (None stays None); a ValueError, reported as one line, otherwise."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--lrs must be comma-separated numbers, got {text!r}") from None
+
+
+def _placement(fn: Callable[..., Any], args: argparse.Namespace) -> dict[str, str]:
+    """The --device and --dtype given, as keyword arguments of `fn`; one that `fn` cannot take is refused
+    rather than ignored."""
+    import inspect
+
+    given = {name: getattr(args, name) for name in ("device", "dtype") if getattr(args, name) is not None}
+    accepted = inspect.signature(fn).parameters
+    for name in given:
+        if name not in accepted:
+            raise ValueError(f"--{name} is not supported by looped {args.command} yet")
+    return given
+
+
+def _json_or(args: argparse.Namespace, value: Any, text: Callable[[Any], str], indent: int = 1) -> str:
+    import json
+
+    return json.dumps(value, indent=indent) if args.json else text(value)
+
+
+def _no_checkpoint(args: argparse.Namespace) -> None:
+    if args.checkpoint is not None:
+        if "=" in args.checkpoint:
+            raise ValueError(
+                f"each --set takes one section.key=value: write --set before {args.checkpoint!r}"
+            )
+        raise ValueError(f"looped {args.command} takes --preset/--config/--set, not a checkpoint directory")
+
+
+# ---------------------------------------------------------------- handlers: one per subcommand
+
+
+def _info(args: argparse.Namespace) -> None:
+    from looped.summary import info
+
+    print(info(args.checkpoint, args.files, args.set, args.loops, args.seq_len, args.json))
+
+
+def _probe(args: argparse.Namespace) -> None:
+    from looped.summary import probe
+
+    print(probe(args.checkpoint, args.files, args.set, args.loops, args.batch, args.seq_len, args.seed))
+
+
+def _convert_parcae(args: argparse.Namespace) -> None:
+    from looped.interop.parcae import convert_parcae
+
+    print(f"wrote {convert_parcae(args.src, args.out)}")
+
+
+def _data_prepare(args: argparse.Namespace) -> None:
+    from looped.data.prepare import prepare
+
+    manifest = prepare(
+        args.source,
+        args.out,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        shard_tokens=args.shard_tokens,
+        text_field=args.text_field,
+        invalid_utf8=args.invalid_utf8,
+        seed=args.seed,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+    tokens = manifest["tokens"]
+    print(f"wrote {args.out}: {tokens['train']:,} train and {tokens['val']:,} validation tokens")
+
+
+def _train(args: argparse.Namespace) -> None:
+    _no_checkpoint(args)
+    if args.task is not None:
+        _train_task(args)
+        return
+    for flag, given in (("--size", args.size is not None), ("--baseline", args.baseline)):
+        if given:
+            raise ValueError(f"{flag} applies to task training only: add --task NAME (e.g. --task parity)")
+    from looped.config import load_config
+    from looped.train.trainer import train
+
+    result = train(load_config(args.files, args.set), resume=args.resume)
+    if result.rank == 0:
+        print(result.summary())
+
+
+def _train_task(args: argparse.Namespace) -> None:
+    import inspect
+
+    from looped.config import load_config
+    from looped.tasks.train import after_training, baseline_config, parse_stages, train_curriculum, train_task
+
+    run = train_task if args.size is None else train_curriculum
+    resume = {"resume": True} if args.resume else {}
+    if resume and "resume" not in inspect.signature(run).parameters:
+        raise ValueError("--resume is not supported with --task yet: train again into a new train.out")
+    cfg = load_config(args.files, args.set)
+    if args.baseline:
+        cfg = baseline_config(cfg)
+    if args.size is None:
+        model, _ = train_task(cfg, args.task, None, **resume)
+        size, mu = None, max(1, round(cfg.loops.mean_loops))
+    else:
+        stages = parse_stages(args.size)
+        model, _ = train_curriculum(cfg, args.task, stages, **resume)
+        size = stages[-1][1]  # μ grows with the problem size, as the curriculum scaled it
+        mu = max(1, round(cfg.loops.mean_loops * size / stages[0][1]))
+    print(after_training(model, args.task, size, mu))
+    if cfg.train.out:
+        print(f"saved {cfg.train.out}/final")
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from looped.science.transfer import finetune
+
+    if args.checkpoint is None:
+        raise ValueError("looped finetune needs a checkpoint directory")
+    result = finetune(args.checkpoint, args.files, args.set, resume=args.resume)
+    if result.rank == 0:
+        print(result.summary())
+
+
+def _retrofit(args: argparse.Namespace) -> None:
+    from looped.science.transfer import retrofit
+
+    if args.checkpoint is None:
+        raise ValueError("looped retrofit needs a checkpoint directory")
+    try:
+        layers = tuple(int(v) for v in args.layers.split(","))
+    except ValueError:
+        layers = ()
+    if len(layers) != 3:
+        raise ValueError(f"--layers must be prelude,core,coda, e.g. 2,2,2; got {args.layers!r}")
+    result = retrofit(args.checkpoint, layers, args.files, args.set, resume=args.resume)
+    if result.rank == 0:
+        print(result.summary())
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from looped.science.evaluate import evaluate_checkpoint, format_eval
+    from looped.tasks.train import evaluate_task_checkpoint, format_task_result
+
+    # Task models are small: they take --device/--dtype where their evaluation can, and run on the CPU if not.
+    placement = {k: v for k, v in vars(args).items() if k in ("device", "dtype") and v is not None}
+    task_placement = _accepted(evaluate_task_checkpoint, placement)
+    task = evaluate_task_checkpoint(
+        args.checkpoint, args.task, args.sizes, args.loops, args.plot, args.baseline, **task_placement
+    )
+    if task is not None:
+        print(_json_or(args, task, format_task_result, indent=2))
+        return
+    for flag, given in (("--sizes", args.sizes is not None), ("--baseline", args.baseline is not None)):
+        if given:
+            raise ValueError(f"{flag} applies to task checkpoints; {args.checkpoint} is a language model")
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        args.loops,
+        args.data,
+        args.max_windows,
+        args.batch_size,
+        args.plot,
+        exit=args.exit,
+        kv_cache=args.kv_cache,
+        min_loops=args.min_loops,
+        **_placement(evaluate_checkpoint, args),
+    )
+    print(_json_or(args, result, format_eval, indent=2))
+
+
+def _accepted(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import json
+
+    from looped.infer.session import format_record, generate_records
+
+    records = generate_records(
+        args.checkpoint,
+        args.prompt,
+        args.loops or [None],
+        kv_cache=args.kv_cache,
+        device=args.device,
+        dtype=args.dtype,
+        exit=args.exit,
+        min_loops=args.min_loops,
+        max_ms_per_token=args.max_ms_per_token,
+        max_flops_per_token=args.max_flops_per_token,
+        warm_start=args.warm_start or None,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop,
+        seed=args.seed,
+    )
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return
+    show = args.show_loops or args.exit is not None or args.max_ms_per_token is not None
+    for r in records:
+        print(format_record(args.prompt, r, show))
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from looped.infer.session import chat
+
+    if args.loops is not None and len(args.loops) > 1:
+        raise ValueError("looped chat takes one loop count")
+    chat(
+        args.checkpoint,
+        kv_cache=args.kv_cache,
+        loops=args.loops[0] if args.loops else None,
+        exit=args.exit,
+        max_ms_per_token=args.max_ms_per_token,
+        max_flops_per_token=args.max_flops_per_token,
+        min_loops=args.min_loops,
+        warm_start=args.warm_start or None,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+    )
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from looped.infer.session import calibrate_checkpoint, format_profile
+
+    profile, path = calibrate_checkpoint(
+        args.checkpoint,
+        args.loops,
+        args.batch_sizes,
+        args.tokens,
+        args.kv_cache,
+        args.out,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    print(format_profile(profile, path))
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from looped.science.compare import compare, format_compare
+
+    _no_checkpoint(args)
+    summary = compare(
+        args.files,
+        args.set,
+        args.budget,
+        seeds=args.seeds,
+        lrs=_lrs(args.lrs),
+        eval_loops=args.loops,
+        eval_windows=args.eval_windows,
+        out=args.out,
+        parallel=args.parallel,
+    )
+    print(_json_or(args, summary, format_compare))
+
+
+def _fit(args: argparse.Namespace) -> None:
+    from looped.science.fit import fit_results, format_fit
+
+    result = fit_results(args.results, out_dir=args.out, bootstrap_samples=args.bootstrap, seed=args.seed)
+    print(_json_or(args, result, format_fit))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from looped.science.report import write_report
+
+    page, notes = write_report(args.dir)
+    print(f"wrote {page} and {notes}")
+
+
+def _study_stability(args: argparse.Namespace) -> None:
+    from looped.science.study import format_stability, study_stability
+
+    _no_checkpoint(args)
+    summary = study_stability(args.files, args.set, _lrs(args.lrs), args.out, parallel=args.parallel)
+    print(_json_or(args, summary, format_stability))
+
+
+def _study_transfer(args: argparse.Namespace) -> None:
+    from looped.science.compare import parse_budget
+    from looped.science.transfer import format_transfer, study_transfer
+
+    _no_checkpoint(args)
+    lrs = _lrs(args.lrs)
+    kind, tokens = parse_budget(args.budget)
+    if kind != "tokens":
+        raise ValueError(f"looped study transfer takes --budget tokens=N, got {args.budget!r}")
+    summary = study_transfer(
+        args.files,
+        args.set,
+        tokens,
+        args.finetune_tokens or tokens / 4,
+        args.mus,
+        lrs,
+        args.out,
+        eval_loops=args.eval_loops,
+        parallel=args.parallel,
+    )
+    print(_json_or(args, summary, format_transfer))
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from looped.science.sweep import run_sweep
+
+    print(f"wrote {run_sweep(args.grid, commands=args.commands)}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    if args.hash_key:
+        _hash_key(args)
+        return
+    if args.checkpoint is None:
+        raise ValueError("looped serve needs a checkpoint directory")
+    try:
+        from looped.serve.app import serve
+    except ImportError as e:
+        raise ValueError(
+            f"looped serve needs FastAPI and uvicorn: pip install 'looped[serve]' ({e})"
+        ) from None
+    serve(args.checkpoint, args.files, args.set, host=args.host, port=args.port, **_placement(serve, args))
+
+
+def _hash_key(args: argparse.Namespace) -> None:
+    """Print the digest of a key read from stdin (when piped) or typed at a hidden prompt, never from argv,
+    so that the key stays out of shell history and process lists."""
+    from looped.serve.auth import hash_key
+
+    if args.checkpoint is not None:
+        raise ValueError(
+            "--hash-key reads the key from stdin or a hidden prompt, not from the command line "
+            "(e.g. looped serve --hash-key < key.txt)"
+        )
+    if sys.stdin is not None and not sys.stdin.isatty():
+        key = sys.stdin.readline().rstrip("\r\n")
+    else:
+        import getpass
+
+        key = getpass.getpass("API key (not shown): ")
+    if not key:
+        raise ValueError(
+            "no key given: pipe it in (looped serve --hash-key < key.txt) or type it at the prompt"
+        )
+    print(hash_key(key))
+
+
+def _export_hf(args: argparse.Namespace) -> None:
+    from looped.interop.hf import export_hf
+
+    print(
+        f"wrote {export_hf(args.checkpoint, args.out, num_loops=args.loops, **_placement(export_hf, args))}"
+    )
+
+
+# ---------------------------------------------------------------- parsers
+
+
+def _model_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "checkpoint", nargs="?", help="a looped checkpoint directory (instead of --preset/--config)"
+    )
+    # Presets and files share one list, so they apply in the order given on the command line.
+    p.add_argument(
+        "--preset", dest="files", action="append", default=[], metavar="NAME", help="a preset from configs/"
+    )
+    p.add_argument("--config", dest="files", action="append", metavar="FILE", help="a TOML config file")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable)",
+    )
+
+
+def _placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=None,
+        help="where the model runs (default [infer] device: auto, CUDA when available)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="weights and activations (default [infer] dtype: float32)",
+    )
+
+
+def _compute_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--loops",
+        type=_int_list,
+        default=None,
+        help="loop counts, e.g. 1,4,16 (one run each; with --exit, the most loops); default: the model's",
+    )
+    p.add_argument(
+        "--exit",
+        default=None,
+        help="adaptive exit per token, e.g. kl:1e-3, entropy:1e-2, state:1e-2, argmax:2",
+    )
+    p.add_argument("--min-loops", type=_positive, default=None, help="with --exit: no token stops earlier")
+    p.add_argument("--max-ms-per-token", type=float, default=None, help="pick loops to fit this latency")
+    p.add_argument("--max-flops-per-token", type=float, default=None, help="pick loops to fit these FLOPs")
+    p.add_argument("--warm-start", action="store_true", help="start each token from the last one's state")
+    p.add_argument("--kv-cache", choices=["shared", "per-loop"], default=None, help="default [infer]: shared")
+    _placement_args(p)
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "info", help="parameters, FLOPs per token and KV-cache bytes of a config or checkpoint"
     )
@@ -81,7 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="sequence length for attention FLOPs (default model.max_seq_len)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(run=_info)
 
+
+def _add_probe(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "probe", help="run the model at several loop counts: time, state norms, ρ(Ā), contraction"
     )
@@ -92,7 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive, default=4)
     p.add_argument("--seq-len", type=_positive, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_probe)
 
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint from another format into a looped checkpoint")
     conv = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
     c = conv.add_parser(
@@ -101,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("src")
     c.add_argument("out")
+    c.set_defaults(run=_convert_parcae)
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare token data for training")
     data = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     c = data.add_parser("prepare", help="tokenize a text source into shards with a train/validation split")
@@ -124,7 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(run=_data_prepare)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a looped LM (also under torchrun: python -m looped train ...)")
     _model_source(p)
     p.add_argument(
@@ -147,16 +577,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="continue the run in train.out from its newest checkpoint"
     )
+    p.set_defaults(run=_train)
 
+
+def _add_finetune_retrofit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="continue training a checkpoint, e.g. at another mean loop count")
     _model_source(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune")
+    p.set_defaults(run=_finetune)
 
     p = sub.add_parser("retrofit", help="turn a trained standard checkpoint into a looped one, then train it")
     _model_source(p)
     p.add_argument("--layers", required=True, help="prelude,core,coda layers taken from it, e.g. 2,2,2")
     p.add_argument("--resume", action="store_true", help="continue an interrupted retrofit run")
+    p.set_defaults(run=_retrofit)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="validation loss, perplexity and bits per byte against loops (and adaptive exit)"
     )
@@ -186,8 +623,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with a task: a non-looped checkpoint (looped train --task … --baseline) to show alongside",
     )
+    _placement_args(p)
     p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_eval)
 
+
+def _add_generate_chat_calibrate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt: fixed loops, adaptive exit or a latency budget")
     p.add_argument("checkpoint")
     p.add_argument("--prompt", required=True)
@@ -203,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show-loops", action="store_true", help="print the loops each token ran")
     p.add_argument("--json", action="store_true", help="text, tokens, loops per token and timings as JSON")
+    p.set_defaults(run=_generate)
 
     p = sub.add_parser(
         "chat", help="an interactive session with a checkpoint, streaming, loops shown per reply"
@@ -212,6 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive, default=128)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_chat)
 
     p = sub.add_parser("calibrate", help="measure decode ms per token against loops; store the profile")
     p.add_argument("checkpoint")
@@ -220,7 +663,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=_positive, default=16, help="decode steps per measurement")
     p.add_argument("--kv-cache", choices=["shared", "per-loop"], default=None)
     p.add_argument("--out", default=None, help="profile file (default CHECKPOINT/calibration.json)")
+    _placement_args(p)
+    p.set_defaults(run=_calibrate)
 
+
+def _add_compare_fit_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="a looped model against its parameter- and FLOP-matched baselines")
     _model_source(p)
     p.add_argument("--budget", required=True, help="tokens=N or flops=F per run (e.g. tokens=2e6)")
@@ -233,6 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=_positive, default=1, help="runs at once")
     p.add_argument("--out", default=None, help="output directory (default: train.out + '-compare')")
     p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_compare)
 
     p = sub.add_parser(
         "fit", help="fit scaling laws (test-time, training, unified) to a sweep's results.jsonl"
@@ -242,12 +690,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=_positive, default=200, help="bootstrap resamples for the intervals")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_fit)
 
     p = sub.add_parser(
         "report", help="one self-contained HTML (and Markdown) report of a run, sweep, comparison or study"
     )
     p.add_argument("dir", help="a training run, sweep, compare or study output directory")
+    p.set_defaults(run=_report)
 
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="studies: stability of injections; transfer across loop depths")
     studies = p.add_subparsers(dest="study", required=True, metavar="STUDY")
     c = studies.add_parser(
@@ -258,6 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output directory (resumable)")
     c.add_argument("--parallel", type=_positive, default=1, help="runs at once")
     c.add_argument("--json", action="store_true")
+    c.set_defaults(run=_study_stability)
     c = studies.add_parser(
         "transfer",
         help="loss against loops trained at each μ, fine-tuned from μ₀ to other μ, and retrofitted from a "
@@ -276,7 +729,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output directory (resumable)")
     c.add_argument("--parallel", type=_positive, default=1, help="runs at once")
     c.add_argument("--json", action="store_true")
+    c.set_defaults(run=_study_transfer)
 
+
+def _add_sweep_serve_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="train a grid of runs (resumable) into results.jsonl for `looped fit`")
     p.add_argument("grid", help="GRID.toml: [sweep] settings and a [grid] of 'section.key' = [values]")
     p.add_argument(
@@ -285,14 +741,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="write the commands for torchrun or a Slurm array instead of running here",
     )
+    p.set_defaults(run=_sweep)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server; each request picks its loops or tier")
     _model_source(p)
     p.add_argument("--host", default=None, help="address (default serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default serve.port, 8000)")
+    _placement_args(p)
     p.add_argument(
-        "--hash-key", metavar="KEY", help="print the sha256 to put in serve.keys for KEY, and exit"
+        "--hash-key",
+        action="store_true",
+        help="read a key from stdin (or a hidden prompt), print the sha256 to put in serve.keys, and exit",
     )
+    p.set_defaults(run=_serve)
 
     p = sub.add_parser("export", help="export a checkpoint to another format")
     exp = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
@@ -300,308 +761,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint")
     c.add_argument("out")
     c.add_argument("--loops", type=_positive, default=None, help="num_loops in the exported config")
+    _placement_args(c)
+    c.set_defaults(run=_export_hf)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `looped` parser; each subcommand's namespace carries `run`, its handler."""
+    parser = argparse.ArgumentParser(prog="looped", description="Looped (recurrent-depth) transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _add_info,
+        _add_probe,
+        _add_convert,
+        _add_data,
+        _add_train,
+        _add_finetune_retrofit,
+        _add_eval,
+        _add_generate_chat_calibrate,
+        _add_compare_fit_report,
+        _add_study,
+        _add_sweep_serve_export,
+    ):
+        add(sub)
     return parser
 
 
-def _train(args: argparse.Namespace) -> None:
-    from looped.config import load_config
-    from looped.train.trainer import train
-
-    if args.checkpoint is not None:
-        if "=" in args.checkpoint:
-            raise ValueError(
-                f"each --set takes one section.key=value: write --set before {args.checkpoint!r}"
-            )
-        raise ValueError("looped train takes --preset/--config/--set, not a checkpoint directory")
-    if args.task is not None:
-        from looped.tasks.train import after_training, baseline_config, parse_stages, train_curriculum
-
-        cfg = load_config(args.files, args.set)
-        if args.baseline:
-            cfg = baseline_config(cfg)
-        if args.size is None:
-            from looped.tasks.train import train_task
-
-            model, _ = train_task(cfg, args.task, None)
-            size = None
-        else:
-            stages = parse_stages(args.size)
-            model, _ = train_curriculum(cfg, args.task, stages)
-            size = stages[-1][1]
-        mu = max(1, round(cfg.loops.mean_loops * (size / stages[0][1] if size else 1)))
-        print(after_training(model, args.task, size, mu))
-        if cfg.train.out:
-            print(f"saved {cfg.train.out}/final")
-        return
-    result = train(load_config(args.files, args.set), resume=args.resume)
-    if result.rank == 0:
-        print(result.summary())
-
-
-def _compute_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--loops",
-        type=_int_list,
-        default=None,
-        help="loop counts, e.g. 1,4,16 (one run each; with --exit, the most loops); default: the model's",
-    )
-    p.add_argument(
-        "--exit",
-        default=None,
-        help="adaptive exit per token, e.g. kl:1e-3, entropy:1e-2, state:1e-2, argmax:2",
-    )
-    p.add_argument("--min-loops", type=_positive, default=None, help="with --exit: no token stops earlier")
-    p.add_argument("--max-ms-per-token", type=float, default=None, help="pick loops to fit this latency")
-    p.add_argument("--max-flops-per-token", type=float, default=None, help="pick loops to fit these FLOPs")
-    p.add_argument("--warm-start", action="store_true", help="start each token from the last one's state")
-    p.add_argument("--kv-cache", choices=["shared", "per-loop"], default=None, help="default [infer]: shared")
-
-
-def _non_negative(text: str) -> int:
-    value = _positive(text) if text.strip() != "0" else 0
-    return value
-
-
-def _generate(args: argparse.Namespace) -> None:
-    import json
-
-    from looped.infer.session import format_record, generate_records
-
-    records = generate_records(
-        args.checkpoint,
-        args.prompt,
-        args.loops or [None],
-        kv_cache=args.kv_cache,
-        exit=args.exit,
-        min_loops=args.min_loops,
-        max_ms_per_token=args.max_ms_per_token,
-        max_flops_per_token=args.max_flops_per_token,
-        warm_start=args.warm_start or None,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        stop=args.stop,
-        seed=args.seed,
-    )
-    if args.json:
-        print(json.dumps(records, indent=2))
-        return
-    show = args.show_loops or args.exit is not None or args.max_ms_per_token is not None
-    for r in records:
-        print(format_record(args.prompt, r, show))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `looped` command; returns the exit status (2, with one line on stderr, for a user error)."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "info":
-            from looped.summary import info
-
-            print(info(args.checkpoint, args.files, args.set, args.loops, args.seq_len, args.json))
-        elif args.command == "probe":
-            from looped.summary import probe
-
-            print(
-                probe(
-                    args.checkpoint,
-                    args.files,
-                    args.set,
-                    args.loops,
-                    args.batch,
-                    args.seq_len,
-                    args.seed,
-                )
-            )
-        elif args.command == "convert":
-            from looped.interop.parcae import convert_parcae
-
-            out = convert_parcae(args.src, args.out)
-            print(f"wrote {out}")
-        elif args.command == "data":
-            from looped.data.prepare import prepare
-
-            manifest = prepare(
-                args.source,
-                args.out,
-                tokenizer=args.tokenizer,
-                vocab_size=args.vocab_size,
-                val_fraction=args.val_fraction,
-                shard_tokens=args.shard_tokens,
-                text_field=args.text_field,
-                invalid_utf8=args.invalid_utf8,
-                seed=args.seed,
-                progress=not args.no_progress,
-                overwrite=args.overwrite,
-            )
-            tokens = manifest["tokens"]
-            print(f"wrote {args.out}: {tokens['train']:,} train and {tokens['val']:,} validation tokens")
-        elif args.command == "train":
-            _train(args)
-        elif args.command in ("finetune", "retrofit"):
-            from looped.science import transfer
-
-            if args.checkpoint is None:
-                raise ValueError(f"looped {args.command} needs a checkpoint directory")
-            if args.command == "finetune":
-                result = transfer.finetune(args.checkpoint, args.files, args.set, resume=args.resume)
-            else:
-                try:
-                    layers = tuple(int(v) for v in args.layers.split(","))
-                except ValueError:
-                    layers = ()
-                if len(layers) != 3:
-                    raise ValueError(f"--layers must be prelude,core,coda, e.g. 2,2,2; got {args.layers!r}")
-                result = transfer.retrofit(args.checkpoint, layers, args.files, args.set, resume=args.resume)
-            if result.rank == 0:
-                print(result.summary())
-        elif args.command == "eval":
-            import json
-
-            from looped.science.evaluate import evaluate_checkpoint, format_eval
-            from looped.tasks.train import evaluate_task_checkpoint, format_task_result
-
-            task = evaluate_task_checkpoint(
-                args.checkpoint, args.task, args.sizes, args.loops, args.plot, args.baseline
-            )
-            if task is not None:
-                print(json.dumps(task, indent=2) if args.json else format_task_result(task))
-                return 0
-            result = evaluate_checkpoint(
-                args.checkpoint,
-                args.loops,
-                args.data,
-                args.max_windows,
-                args.batch_size,
-                args.plot,
-                exit=args.exit,
-                kv_cache=args.kv_cache,
-                min_loops=args.min_loops,
-            )
-            print(json.dumps(result, indent=2) if args.json else format_eval(result))
-        elif args.command == "generate":
-            _generate(args)
-        elif args.command == "chat":
-            from looped.infer.session import chat
-
-            if args.loops is not None and len(args.loops) > 1:
-                raise ValueError("looped chat takes one loop count")
-            chat(
-                args.checkpoint,
-                kv_cache=args.kv_cache,
-                loops=args.loops[0] if args.loops else None,
-                exit=args.exit,
-                max_ms_per_token=args.max_ms_per_token,
-                max_flops_per_token=args.max_flops_per_token,
-                min_loops=args.min_loops,
-                warm_start=args.warm_start or None,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                seed=args.seed,
-            )
-        elif args.command == "calibrate":
-            from looped.infer.session import calibrate_checkpoint, format_profile
-
-            profile, path = calibrate_checkpoint(
-                args.checkpoint, args.loops, args.batch_sizes, args.tokens, args.kv_cache, args.out
-            )
-            print(format_profile(profile, path))
-        elif args.command == "compare":
-            import json
-
-            from looped.science.compare import compare, format_compare
-
-            if args.checkpoint is not None:
-                raise ValueError("looped compare takes --preset/--config/--set, not a checkpoint directory")
-            try:
-                lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else None
-            except ValueError:
-                raise ValueError(f"--lrs must be comma-separated numbers, got {args.lrs!r}") from None
-            summary = compare(
-                args.files,
-                args.set,
-                args.budget,
-                seeds=args.seeds,
-                lrs=lrs,
-                eval_loops=args.loops,
-                eval_windows=args.eval_windows,
-                out=args.out,
-                parallel=args.parallel,
-            )
-            print(json.dumps(summary, indent=1) if args.json else format_compare(summary))
-        elif args.command == "fit":
-            import json
-
-            from looped.science.fit import fit_results, format_fit
-
-            result = fit_results(
-                args.results, out_dir=args.out, bootstrap_samples=args.bootstrap, seed=args.seed
-            )
-            print(json.dumps(result, indent=1) if args.json else format_fit(result))
-        elif args.command == "report":
-            from looped.science.report import write_report
-
-            page, notes = write_report(args.dir)
-            print(f"wrote {page} and {notes}")
-        elif args.command == "study":
-            import json
-
-            from looped.science.study import format_stability, study_stability
-
-            if args.checkpoint is not None:
-                raise ValueError("looped study takes --preset/--config/--set, not a checkpoint directory")
-            try:
-                lrs = [float(v) for v in args.lrs.split(",")]
-            except ValueError:
-                raise ValueError(f"--lrs must be comma-separated numbers, got {args.lrs!r}") from None
-            if args.study == "stability":
-                summary = study_stability(args.files, args.set, lrs, args.out, parallel=args.parallel)
-                print(json.dumps(summary, indent=1) if args.json else format_stability(summary))
-            else:
-                from looped.science.compare import parse_budget
-                from looped.science.transfer import format_transfer, study_transfer
-
-                kind, tokens = parse_budget(args.budget)
-                if kind != "tokens":
-                    raise ValueError(f"looped study transfer takes --budget tokens=N, got {args.budget!r}")
-                summary = study_transfer(
-                    args.files,
-                    args.set,
-                    tokens,
-                    args.finetune_tokens or tokens / 4,
-                    args.mus,
-                    lrs,
-                    args.out,
-                    eval_loops=args.eval_loops,
-                    parallel=args.parallel,
-                )
-                print(json.dumps(summary, indent=1) if args.json else format_transfer(summary))
-        elif args.command == "sweep":
-            from looped.science.sweep import run_sweep
-
-            path = run_sweep(args.grid, commands=args.commands)
-            print(f"wrote {path}")
-        elif args.command == "serve":
-            if args.hash_key is not None:
-                from looped.serve.auth import hash_key
-
-                print(hash_key(args.hash_key))
-                return 0
-            if args.checkpoint is None:
-                raise ValueError("looped serve needs a checkpoint directory")
-            try:
-                from looped.serve.app import serve
-            except ImportError as e:
-                raise ValueError(
-                    f"looped serve needs FastAPI and uvicorn: pip install 'looped[serve]' ({e})"
-                ) from None
-            serve(args.checkpoint, args.files, args.set, host=args.host, port=args.port)
-        elif args.command == "export":
-            from looped.interop.hf import export_hf
-
-            print(f"wrote {export_hf(args.checkpoint, args.out, num_loops=args.loops)}")
-    except (ConfigError, CheckpointError, ConversionError, DataError, TrainingError, ValueError) as e:
+        args.run(args)
+    except USER_ERRORS as e:
         print(f"looped {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
