@@ -278,11 +278,10 @@ def format_task_table(
 def load_task_model(checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
     """A task checkpoint (`looped train --task`) and its run.json: a LoopedLM encoder, a LoopedViT or a
     TwoStreamModel, by the task it was trained on."""
-    from looped.checkpoint import RUN, load, load_module
+    from looped.checkpoint import load, load_module, read_run
     from looped.tasks import multimodal, vision
 
-    run_file = Path(checkpoint) / RUN
-    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    run = read_run(checkpoint)
     task = run.get("task")
     if task in vision.VISION_TASKS:
         return load_module(
@@ -309,11 +308,10 @@ def evaluate_task_checkpoint(
     size); vision: test accuracy at `loops`; digit_names: writing and reading accuracy on the grid `loops` ×
     `loops` (vision × text). With `baseline` (a non-looped checkpoint, `looped train --task … --baseline`),
     its accuracy at the same sizes."""
-    from looped.checkpoint import RUN
+    from looped.checkpoint import read_run
     from looped.tasks import multimodal, vision
 
-    run_file = Path(checkpoint) / RUN
-    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    run = read_run(checkpoint)
     task = task or run.get("task")
     if task is None:
         return None
