@@ -15,7 +15,7 @@ from looped.config import ConfigError
 from looped.data import DataError
 from looped.data.prepare import prepare
 from looped.train import state as ckpt
-from looped.train import trainer
+from looped.train import step as train_step
 from looped.train.trainer import TrainingError, train
 
 
@@ -52,7 +52,7 @@ def test_kill_and_resume_equals_uninterrupted_run(data, tmp_path, monkeypatch):
 
     # The second run dies in the middle of step 7 (after the checkpoint at step 4 — and at 0).
     cfg2 = train_config(data, tmp_path / "killed", train={"steps": 10, "checkpoint_every": 4})
-    real = trainer._forward_loss
+    real = train_step._forward_loss
     calls = {"n": 0}
 
     def dying(*args, **kwargs):
@@ -61,10 +61,10 @@ def test_kill_and_resume_equals_uninterrupted_run(data, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "_forward_loss", dying)
+    monkeypatch.setattr(train_step, "_forward_loss", dying)
     with pytest.raises(KeyboardInterrupt):
         train(cfg2)
-    monkeypatch.setattr(trainer, "_forward_loss", real)
+    monkeypatch.setattr(train_step, "_forward_loss", real)
     with pytest.raises(ConfigError, match="--resume"):
         train(cfg2)
     result = train(cfg2, resume=True)
@@ -92,7 +92,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(data, tmp_path, capsys):
 
 
 def test_non_finite_steps_are_skipped_then_rolled_back(data, tmp_path, monkeypatch, capsys):
-    real = trainer._forward_loss
+    real = train_step._forward_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -102,7 +102,7 @@ def test_non_finite_steps_are_skipped_then_rolled_back(data, tmp_path, monkeypat
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(trainer, "_forward_loss", poisoned)
+    monkeypatch.setattr(train_step, "_forward_loss", poisoned)
     cfg = train_config(data, tmp_path / "run", train={"steps": 10, "checkpoint_every": 4, "max_bad_steps": 3})
     result = train(cfg)
     out = capsys.readouterr().out
@@ -115,14 +115,14 @@ def test_non_finite_steps_are_skipped_then_rolled_back(data, tmp_path, monkeypat
 
 
 def test_gives_up_after_max_rollbacks(data, tmp_path, monkeypatch):
-    real = trainer._forward_loss
+    real = train_step._forward_loss
 
     def always_nan(*args, **kwargs):
         out = real(*args, **kwargs)
         out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(trainer, "_forward_loss", always_nan)
+    monkeypatch.setattr(train_step, "_forward_loss", always_nan)
     cfg = train_config(data, tmp_path / "run", train={"max_bad_steps": 2, "max_rollbacks": 1})
     with pytest.raises(TrainingError, match="diverges"):
         train(cfg)

@@ -3,10 +3,8 @@ finiteness, clip, step, schedule; evaluate and checkpoint when due; log. One cod
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,22 +13,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from looped import distributed
 from looped.checkpoint import atomic_dir, init_weights_from, write_model_files
 from looped.config import Config, ConfigError, from_dict, to_toml
 from looped.data import DataError
 from looped.data.loader import Loader, TokenData, val_windows
+from looped.distributed import Dist
+from looped.eval import default_eval_loops, loss_by_loops, perplexity
 from looped.model.accounting import flops_per_token
 from looped.model.lm import LoopedLM
-from looped.eval import default_eval_loops, loss_by_loops, perplexity
 from looped.train import state as ckpt
-from looped import distributed
-from looped.distributed import Dist
-from looped.train.optim import build_optimizers, describe, lr_factor
-from looped.train.sampler import LoopSampler, step_seed
+from looped.train.optim import Optimizers, build_optimizers, describe, lr_factor
+from looped.train.sampler import LoopSampler
+from looped.train.state import TrainingError, TrainState
+from looped.train.step import Stepper, StepResult, StopOnSignal, uses_bf16
 
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. it kept diverging after every roll-back); the message says why."""
+__all__ = ["TrainResult", "TrainingError", "train"]
 
 
 @dataclass
@@ -62,34 +60,6 @@ class TrainResult:
             head += f"; {self.skipped} steps skipped, {self.rollbacks} roll-backs"
         where = self.final or self.run_dir
         return f"{head} → {where}"
-
-
-def _forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loops: torch.Tensor, k: int):
-    """One micro-batch forward; a module-level function so tests can inject faults."""
-    return model(x, labels=y, loops=loops, backprop_loops=k)
-
-
-class _Stop:
-    """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _Stop:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 class _Log:
@@ -190,26 +160,58 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
 
 
 def _train(cfg: Config, d: Dist, resume: bool) -> TrainResult:
+    run = _build(cfg, d, resume)
+    state = _start(run)
+    state, interrupted, last_eval = _loop(run, state)
+    final = None if interrupted else _save_final(run, state)
+    run.log.close()
+    return TrainResult(
+        run_dir=run.dir,
+        steps=state.step,
+        tokens=state.tokens,
+        flops=state.flops,
+        seconds=state.seconds,
+        eval=last_eval,
+        skipped=state.skipped,
+        rollbacks=state.rollbacks,
+        interrupted=interrupted,
+        final=final,
+        rank=d.rank,
+    )
+
+
+@dataclass
+class _Run:
+    """What `_build` makes once and the rest of a run reads."""
+
+    cfg: Config  # resolved: the vocabulary fitted to the tokenizer
+    d: Dist
+    dir: Path
+    resume_from: Path | None  # the checkpoint to resume from, if any
+    model: LoopedLM
+    net: nn.Module  # the model, or its DDP wrapper under torchrun
+    opts: Optimizers
+    stepper: Stepper
+    loader: Loader
+    val: torch.Tensor  # (N, seq_len + 1) validation windows
+    sampler: LoopSampler
+    micro: int  # sequences per forward pass
+    accum: int  # micro-batches per rank per step
+    log: _Log
+
+
+def _build(cfg: Config, d: Dist, resume: bool) -> _Run:
+    """Settle the config, then build in torchtitan's order: model (seeded init) → device → shard/wrap →
+    optimizer; then the data loader, validation windows and loop sampler."""
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
     run_dir = Path(tc.out)
-    found = ckpt.checkpoints(run_dir)
-    if found and not resume:
-        raise ConfigError(
-            f"{run_dir} already holds checkpoints; pass --resume to continue it or pick another train.out"
-        )
+    resume_from = ckpt.resume_point(run_dir, resume, warn=print if d.main else lambda _: None)
     data = TokenData.open(cfg.data.path)
-    resume_from = ckpt.latest_valid(run_dir, warn=print if d.main else lambda _: None) if resume else None
-    if resume and found and resume_from is None:
-        raise TrainingError(f"{run_dir}: no intact checkpoint to resume from")
     log = _Log(run_dir, None, d, False)  # messages only, until the run directory is settled
     cfg = _check(cfg, data, d, log)
     micro, accum = _batch_layout(cfg, d)
-    seq = cfg.data.seq_len
-    fsdp = d.enabled and tc.parallel == "fsdp"
-
-    # Build: model (seeded init) → device → shard/wrap → optimizer, torchtitan's order.
     torch.manual_seed(tc.seed)
     model = LoopedLM(cfg.model)
     if tc.init_from and resume_from is None:
@@ -218,198 +220,249 @@ def _train(cfg: Config, d: Dist, resume: bool) -> TrainResult:
     model.activation_checkpointing = tc.activation_checkpointing
     model.to(d.device)
     net = distributed.wrap(model, tc, d)
+    fsdp = d.enabled and tc.parallel == "fsdp"
     opts = build_optimizers(net, cfg.optim, sharded=fsdp)
-    loader = Loader(data, seq, micro, accum, rank=d.rank, world_size=d.world, seed=tc.seed)
-    val = val_windows(data, seq, cfg.eval.max_windows)
-    sampler = LoopSampler(cfg.loops, tc.seed, tc.steps)
-    eval_loops = cfg.eval.loops or default_eval_loops(cfg.loops.mean_loops)
-    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and d.device.type == "cuda")
-    autocast = (
-        (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    stepper = Stepper(
+        net,
+        model,
+        opts,
+        d,
+        seed=tc.seed,
+        accum=accum,
+        clip=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf,
+        bf16=uses_bf16(tc, d.device),
+        defer_sync=d.enabled and not fsdp,
     )
-    tokenizer_file = Path(cfg.data.path) / "tokenizer.json"
+    return _Run(
+        cfg=cfg,
+        d=d,
+        dir=run_dir,
+        resume_from=resume_from,
+        model=model,
+        net=net,
+        opts=opts,
+        stepper=stepper,
+        loader=Loader(data, cfg.data.seq_len, micro, accum, rank=d.rank, world_size=d.world, seed=tc.seed),
+        val=val_windows(data, cfg.data.seq_len, cfg.eval.max_windows),
+        sampler=LoopSampler(cfg.loops, tc.seed, tc.steps),
+        micro=micro,
+        accum=accum,
+        log=log,
+    )
 
-    state = {
-        "step": 0,
-        "tokens": 0,
-        "flops": 0.0,
-        "lr_scale": 1.0,
-        "rollbacks": 0,
-        "skipped": 0,
-        "seconds": 0.0,
-    }
-    if resume_from is not None:
-        state.update(_restore(resume_from, net, opts, loader, cfg))
-        log = _Log(run_dir, state["step"], d, tc.tensorboard)
-        log.say(f"resumed from {resume_from} at step {state['step']}")
+
+def _start(run: _Run) -> TrainState:
+    """Resume from the checkpoint, or start the run directory with a step-0 checkpoint (a roll-back target
+    before the first periodic one); open the log and say what trains."""
+    tc, d = run.cfg.train, run.d
+    if run.resume_from is not None:
+        state = _restore(run, run.resume_from)
+        run.log = _Log(run.dir, state.step, d, tc.tensorboard)
+        run.log.say(f"resumed from {run.resume_from} at step {state.step}")
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log = _Log(run_dir, None, d, tc.tensorboard)
+        state = TrainState()
+        run.dir.mkdir(parents=True, exist_ok=True)
+        run.log = _Log(run.dir, None, d, tc.tensorboard)
         if d.main:
-            (run_dir / "config.toml").write_text(to_toml(cfg))
-        # A step-0 checkpoint gives a roll-back target before the first periodic one.
-        ckpt.save_training(
-            run_dir, 0, net, opts, cfg, tokenizer_file, _record(state, loader), d, tc.keep_checkpoints
-        )
-
-    unit = model.num_params()["total"]
-    log.say(
-        f"training {unit:,} parameters on {d.world} × {d.device.type} ({'bf16' if bf16 else 'fp32'}), "
-        f"{tc.global_batch} × {seq} tokens per step (micro {micro} × accum {accum} × world {d.world}), "
-        f"loops {cfg.loops.sampler} μ={cfg.loops.mean_loops:g} k={sampler.backprop_loops}, {describe(opts)}"
+            (run.dir / "config.toml").write_text(to_toml(run.cfg))
+        _checkpoint(run, state)
+    run.log.say(
+        f"training {run.model.num_params()['total']:,} parameters on {d.world} × {d.device.type} "
+        f"({'bf16' if run.stepper.bf16 else 'fp32'}), {tc.global_batch} × {run.cfg.data.seq_len} tokens per "
+        f"step (micro {run.micro} × accum {run.accum} × world {d.world}), loops {run.cfg.loops.sampler} "
+        f"μ={run.cfg.loops.mean_loops:g} k={run.sampler.backprop_loops}, {describe(run.opts)}"
     )
     from tqdm import tqdm
 
-    log.bar = tqdm(
+    run.log.bar = tqdm(
         total=tc.steps,
-        initial=state["step"],
+        initial=state.step,
         disable=not (d.main and tc.progress),
         unit="step",
         dynamic_ncols=True,
     )
-    params = [p for p in net.parameters() if p.requires_grad]
-    bad_in_row = 0
-    last_eval: dict[int, float] = {}
-    window = {"tokens": 0, "flops": 0.0, "seconds": 0.0}
-    fpt_cache: dict[int, float] = {}
-    interrupted = False
-    with _Stop() as stop:
-        while state["step"] < tc.steps:
-            step = state["step"]
+    return state
+
+
+def _loop(run: _Run, state: TrainState) -> tuple[TrainState, bool, dict[int, float]]:
+    """Train until train.steps, or until a signal asks to stop; returns (the counters, stopped early, the
+    last validation losses by loop count)."""
+    cfg, tc = run.cfg, run.cfg.train
+    meter = _Meter(cfg, run.sampler.backprop_loops)
+    bad_in_row, last_eval = 0, {}
+    with StopOnSignal() as stop:
+        while state.step < tc.steps:
             t0 = time.perf_counter()
-            opts.set_lr(lr_factor(cfg.optim, step, tc.steps) * state["lr_scale"])
-            depths = sampler.draw(step, tc.global_batch)  # (global batch,) loop counts
-            k = sampler.backprop_loops
-            loss_sum = torch.zeros((), device=d.device)
-            norms = None
-            for i, (x, y) in enumerate(loader.next_step()):
-                g = d.rank * accum + i  # global micro-batch index: fixes this micro's depths and noise
-                torch.manual_seed(step_seed(tc.seed, step, 1 + g))
-                sync = contextlib.nullcontext()
-                if d.enabled and not fsdp and i < accum - 1:
-                    sync = net.no_sync()
-                with sync:
-                    with autocast():
-                        out = _forward_loss(
-                            net,
-                            x.to(d.device),
-                            y.to(d.device),
-                            depths[g * micro : (g + 1) * micro].to(d.device),
-                            k,
-                        )
-                    (out.loss / accum).backward()
-                loss_sum += out.loss.detach() / accum
-                norms = out.state_norms
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, _clip_value(cfg))
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            loss = float(distributed.all_reduce_sum(loss_sum, d)) / d.world
-            finite = math.isfinite(loss) and math.isfinite(float(grad_norm))
-            if finite:
-                opts.step()
-                model.constrain_()
+            run.opts.set_lr(lr_factor(cfg.optim, state.step, tc.steps) * state.lr_scale)
+            depths = run.sampler.draw(state.step, tc.global_batch)  # (global batch,) loop counts
+            out = run.stepper.step(state.step, _micro_batches(run, depths), run.sampler.backprop_loops)
+            dt = time.perf_counter() - t0
+            state.seconds += dt
+            if out.finite:
                 bad_in_row = 0
             else:
-                state["skipped"] += 1
+                state.skipped += 1
                 bad_in_row += 1
-                log.say(
-                    f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'}; step skipped"
-                )
-            opts.zero_grad()
-            dt = time.perf_counter() - t0
-            state["seconds"] += dt
-            if bad_in_row >= tc.max_bad_steps:
-                state = _rollback(run_dir, net, opts, loader, cfg, state, log, d)
-                bad_in_row = 0
-                continue
-
-            state["step"] = step + 1
-            state["tokens"] += tc.global_batch * seq
-            for t in depths.tolist():
-                if t not in fpt_cache:
-                    fpt_cache[t] = flops_per_token(cfg.model, t, seq, training=True, backprop_loops=k)
-            step_flops = sum(fpt_cache[t] for t in depths.tolist()) * seq
-            window["flops"] += step_flops
-            state["flops"] += step_flops
-            window["tokens"] += tc.global_batch * seq
-            window["seconds"] += dt
-            tok_s = window["tokens"] / window["seconds"]
-            gflops = window["flops"] / window["seconds"] / 1e9
-            log.bar.set_postfix_str(
-                f"loss {loss:.3f} · {tok_s:,.0f} tok/s · {gflops:.1f} GFLOP/s", refresh=False
-            )
-            log.bar.update(1)
-            done = state["step"]
-            if done % tc.log_every == 0 or done == tc.steps:
-                log.record(
-                    {
-                        "step": done,
-                        "loss": loss,
-                        "lr": opts.lr,
-                        "tokens": state["tokens"],
-                        "tokens_per_s": tok_s,
-                        "gflops": gflops,
-                        "grad_norm": float(grad_norm),
-                        "mean_loops": float(depths.float().mean()),
-                        "backprop_loops": k,
-                        "skipped": state["skipped"],
-                        "rho": _rho(model),
-                        "state_norms": [round(float(n), 4) for n in norms] if norms is not None else None,
-                    }
-                )
-                window = {"tokens": 0, "flops": 0.0, "seconds": 0.0}
-            every = cfg.eval.every
-            if done == tc.steps or (every and done % every == 0):
-                last_eval = loss_by_loops(net, val, eval_loops, cfg.eval.batch_size, d.device, d, autocast())
-                shown = "  ".join(f"T={t}: {v:.3f}" for t, v in last_eval.items())
-                log.say(f"step {done}: val loss {shown}")
-                log.record({"step": done, "val_loss": {str(t): v for t, v in last_eval.items()}})
-            stop_now = distributed.all_max(int(stop.requested), d) > 0
-            if done % tc.checkpoint_every == 0 or done == tc.steps or stop_now:
-                ckpt.save_training(
-                    run_dir,
-                    done,
-                    net,
-                    opts,
-                    cfg,
-                    tokenizer_file,
-                    _record(state, loader),
-                    d,
-                    tc.keep_checkpoints,
-                )
+                what = "loss" if not math.isfinite(out.loss) else "gradient"
+                run.log.say(f"step {state.step}: non-finite {what}; step skipped")
+                if bad_in_row >= tc.max_bad_steps:
+                    state, bad_in_row = _roll_back(run, state), 0
+                    continue
+            state.step += 1
+            state.tokens += tc.global_batch * cfg.data.seq_len
+            state.flops += meter.add(depths, dt)
+            _log_step(run, state, out, depths, meter)
+            if _due(state.step, cfg.eval.every, tc.steps):
+                last_eval = _evaluate(run, state.step)
+            stop_now = distributed.all_max(int(stop.requested), run.d) > 0
+            if _due(state.step, tc.checkpoint_every, tc.steps) or stop_now:
+                _checkpoint(run, state)
             if stop_now:
-                interrupted = True
-                log.say(f"stopped at step {done} (checkpoint saved; continue with --resume)")
-                break
+                run.log.say(f"stopped at step {state.step} (checkpoint saved; continue with --resume)")
+                return state, True, last_eval
+    return state, False, last_eval
 
-    final = None
-    if not interrupted:
-        weights = ckpt.full_model_state(net)
-        if d.main:
-            final = run_dir / "final"
-            with atomic_dir(final) as tmp:
-                tok = {"tokenizer_sha256": ckpt.sha256(tokenizer_file)} if tokenizer_file.is_file() else {}
-                write_model_files(
-                    tmp, weights, cfg, cfg.model.tie_embeddings, world_size=d.world, step=state["step"], **tok
+
+def _micro_batches(run: _Run, depths: torch.Tensor):
+    """This rank's micro-batches of the step, each with its sequences' loop counts."""
+    for i, (x, y) in enumerate(run.loader.next_step()):
+        g = run.d.rank * run.accum + i  # global micro-batch index: fixes this micro's depths
+        yield x, y, depths[g * run.micro : (g + 1) * run.micro]
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    """Whether something done every `every` steps (0: only at the end) is due after `step` of `total`."""
+    return step == total or (every > 0 and step % every == 0)
+
+
+class _Meter:
+    """Training FLOPs of each step (per token at each sequence's drawn depth, counted once per depth) and
+    the throughput since the last metrics record."""
+
+    def __init__(self, cfg: Config, backprop_loops: int) -> None:
+        self.cfg, self.k = cfg, backprop_loops
+        self.per_token: dict[int, float] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens, self.flops, self.seconds = 0, 0.0, 0.0
+
+    def add(self, depths: torch.Tensor, seconds: float) -> float:
+        """Count one step of sequences at `depths`; returns its FLOPs."""
+        seq = self.cfg.data.seq_len
+        for t in depths.tolist():
+            if t not in self.per_token:
+                self.per_token[t] = flops_per_token(
+                    self.cfg.model, t, seq, training=True, backprop_loops=self.k
                 )
-                if tokenizer_file.is_file():
-                    (tmp / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
-        distributed.barrier(d)
-    log.close()
-    result = TrainResult(
-        run_dir=run_dir,
-        steps=state["step"],
-        tokens=state["tokens"],
-        flops=state["flops"],
-        seconds=state["seconds"],
-        eval=last_eval,
-        skipped=state["skipped"],
-        rollbacks=state["rollbacks"],
-        interrupted=interrupted,
-        final=final,
-        rank=d.rank,
+        flops = sum(self.per_token[t] for t in depths.tolist()) * seq
+        self.tokens += len(depths) * seq
+        self.flops += flops
+        self.seconds += seconds
+        return flops
+
+    def rates(self) -> tuple[float, float]:
+        """(tokens/s, GFLOP/s) since the last reset."""
+        return self.tokens / self.seconds, self.flops / self.seconds / 1e9
+
+
+def _log_step(run: _Run, state: TrainState, out: StepResult, depths: torch.Tensor, meter: _Meter) -> None:
+    """The progress bar every step; a metrics.jsonl record every train.log_every steps and at the end."""
+    tc = run.cfg.train
+    tok_s, gflops = meter.rates()
+    run.log.bar.set_postfix_str(
+        f"loss {out.loss:.3f} · {tok_s:,.0f} tok/s · {gflops:.1f} GFLOP/s", refresh=False
     )
-    return result
+    run.log.bar.update(1)
+    if not _due(state.step, tc.log_every, tc.steps):
+        return
+    norms = out.output.state_norms if out.output is not None else None
+    run.log.record(
+        {
+            "step": state.step,
+            "loss": out.loss,
+            "lr": run.opts.lr,
+            "tokens": state.tokens,
+            "tokens_per_s": tok_s,
+            "gflops": gflops,
+            "grad_norm": out.grad_norm,
+            "mean_loops": float(depths.float().mean()),
+            "backprop_loops": run.sampler.backprop_loops,
+            "skipped": state.skipped,
+            "rho": _rho(run.model),
+            "state_norms": [round(float(n), 4) for n in norms] if norms is not None else None,
+        }
+    )
+    meter.reset()
+
+
+def _evaluate(run: _Run, step: int) -> dict[int, float]:
+    """Validation loss at each of eval.loops (default 1, 2, 4, μ, 2μ), said and recorded."""
+    cfg = run.cfg
+    loops = cfg.eval.loops or default_eval_loops(cfg.loops.mean_loops)
+    losses = loss_by_loops(
+        run.net, run.val, loops, cfg.eval.batch_size, run.d.device, run.d, run.stepper.autocast()
+    )
+    shown = "  ".join(f"T={t}: {v:.3f}" for t, v in losses.items())
+    run.log.say(f"step {step}: val loss {shown}")
+    run.log.record({"step": step, "val_loss": {str(t): v for t, v in losses.items()}})
+    return losses
+
+
+def _checkpoint(run: _Run, state: TrainState) -> None:
+    ckpt.save_training(
+        run.dir,
+        state,
+        run.net,
+        run.opts,
+        run.cfg,
+        run.d,
+        run.cfg.train.keep_checkpoints,
+        tokenizer_file=_tokenizer_file(run.cfg),
+        extra={"loader": run.loader.state_dict()},
+    )
+
+
+def _restore(run: _Run, path: Path) -> TrainState:
+    """Weights, optimizer, RNG and loader position from the checkpoint at `path`; returns its counters."""
+    state, record = ckpt.load_training(path, run.net, run.opts)
+    try:
+        run.loader.load_state_dict(record["loader"])
+    except DataError as e:
+        raise TrainingError(f"cannot resume from {path}: {e}") from None
+    return state
+
+
+def _roll_back(run: _Run, state: TrainState) -> TrainState:
+    """Back to the newest intact checkpoint with a lower learning rate (or give up: TrainingError)."""
+    restored = ckpt.roll_back(run.dir, state, run.cfg.train, lambda path: _restore(run, path), run.log.say)
+    run.log.bar.n = restored.step
+    run.log.bar.refresh()
+    return restored
+
+
+def _save_final(run: _Run, state: TrainState) -> Path | None:
+    """run_dir/final: the weights, config, run.json and tokenizer, loadable by `looped.load` (rank 0 writes;
+    every rank gathers the weights)."""
+    weights = ckpt.full_model_state(run.net)
+    final = None
+    if run.d.main:
+        final = run.dir / "final"
+        tokenizer_file = _tokenizer_file(run.cfg)
+        with atomic_dir(final) as tmp:
+            tok = {"tokenizer_sha256": ckpt.sha256(tokenizer_file)} if tokenizer_file.is_file() else {}
+            cfg = run.cfg
+            write_model_files(
+                tmp, weights, cfg, cfg.model.tie_embeddings, world_size=run.d.world, step=state.step, **tok
+            )
+            if tokenizer_file.is_file():
+                (tmp / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+    distributed.barrier(run.d)
+    return final
+
+
+def _tokenizer_file(cfg: Config) -> Path:
+    return Path(cfg.data.path) / "tokenizer.json"
 
 
 def _rho(model: LoopedLM) -> float | None:
@@ -417,47 +470,3 @@ def _rho(model: LoopedLM) -> float | None:
     if model.injection is None or any(hasattr(p, "full_tensor") for p in model.injection.parameters()):
         return None
     return model.injection.spectral_radius()
-
-
-def _clip_value(cfg: Config) -> float:
-    return cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-
-
-def _record(state: dict[str, Any], loader: Loader) -> dict[str, Any]:
-    return {**state, "loader": loader.state_dict()}
-
-
-def _restore(path: Path, net: nn.Module, opts, loader: Loader, cfg: Config) -> dict[str, Any]:
-    saved = ckpt.load_training(path, net, opts, cfg.model.tie_embeddings)
-    try:
-        loader.load_state_dict(saved["loader"])
-    except DataError as e:
-        raise TrainingError(f"cannot resume from {path}: {e}") from None
-    restored = {key: saved[key] for key in ("step", "tokens", "lr_scale", "rollbacks", "skipped", "seconds")}
-    restored["flops"] = saved.get("flops", 0.0)  # checkpoints before FLOP totals were kept: counted from here
-    return restored
-
-
-def _rollback(run_dir, net, opts, loader, cfg: Config, state, log: _Log, d: Dist) -> dict[str, Any]:
-    """Return to the newest intact checkpoint with the learning rate scaled down, or give up."""
-    tc = cfg.train
-    rollbacks = state["rollbacks"] + 1
-    if rollbacks > tc.max_rollbacks:
-        raise TrainingError(
-            f"{tc.max_bad_steps} non-finite steps in a row after {tc.max_rollbacks} roll-backs; the run diverges "
-            f"(try a lower optim.lr, loops.backprop_loops or model.spectral_norm)"
-        )
-    path = ckpt.latest_valid(run_dir, warn=log.say)
-    if path is None:
-        raise TrainingError(f"{run_dir}: diverged and there is no intact checkpoint to roll back to")
-    restored = _restore(path, net, opts, loader, cfg)
-    restored["lr_scale"] = state["lr_scale"] * tc.rollback_lr_scale
-    restored["rollbacks"] = rollbacks
-    restored["skipped"] = state["skipped"]
-    log.say(
-        f"step {state['step']}: {tc.max_bad_steps} non-finite steps in a row; rolled back to step "
-        f"{restored['step']} with the learning rate × {restored['lr_scale']:g} (roll-back {rollbacks}/{tc.max_rollbacks})"
-    )
-    log.bar.n = restored["step"]
-    log.bar.refresh()
-    return restored

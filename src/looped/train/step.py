@@ -1,0 +1,153 @@
+"""One optimizer step, shared by the LM trainer and task training: forward and backward over micro-batches,
+gradient clipping, a finiteness check before the optimizer step, the model's constraints; and the stop
+request that SIGINT/SIGTERM turn into a checkpoint at the next step boundary."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from looped.config import TrainConfig
+from looped.distributed import Dist, all_reduce_sum
+from looped.train.optim import Optimizers
+from looped.train.sampler import step_seed
+
+
+def _forward_loss(model: nn.Module, x: Any, y: torch.Tensor, loops: Any, k: int):
+    """One micro-batch forward; a module-level function so tests can inject faults."""
+    return model(x, labels=y, loops=loops, backprop_loops=k)
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """A tensor, or a tuple or list of them (a two-stream model's inputs and loop counts), on `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
+def uses_bf16(tc: TrainConfig, device: torch.device) -> bool:
+    """train.precision: bf16 autocast when asked for, or by default on a GPU (bf16 matmuls are slow on most
+    CPUs, so auto keeps fp32 there)."""
+    return tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports."""
+
+    loss: float  # mean training loss over the global batch (every rank's micro-batches)
+    grad_norm: float  # before clipping
+    output: Any = None  # the last micro-batch's model output (logits, state norms)
+
+    @property
+    def finite(self) -> bool:
+        """False when the loss or the gradient is NaN or infinite: the step was skipped."""
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+@dataclass
+class Stepper:
+    """Runs optimizer steps: micro-batches forward and backward (each seeded by its global index, so that
+    initial-state noise does not depend on the rank or on a resume), clip, check finiteness, step, constrain.
+
+    Args:
+        net: what runs forward: the model, or its DDP wrapper / FSDP2-sharded self under torchrun.
+        model: the model itself, whose `constrain_` runs after each step.
+        opts: the optimizers.
+        d: the process group position (its device is where batches go).
+        seed: the run seed.
+        accum: micro-batches per rank per step.
+        clip: the gradient-norm bound (math.inf: measured, not clipped).
+        bf16: run forward passes under bf16 autocast.
+        defer_sync: DDP: all-reduce gradients only after the last micro-batch.
+    """
+
+    net: nn.Module
+    model: nn.Module
+    opts: Optimizers
+    d: Dist
+    seed: int
+    accum: int = 1
+    clip: float = math.inf
+    bf16: bool = False
+    defer_sync: bool = False
+    params: list[nn.Parameter] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.net.parameters() if p.requires_grad]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The precision context forward passes (training and evaluation) run in."""
+        if self.bf16:
+            return torch.autocast(self.d.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self, step: int, micro_batches: Iterable[tuple[Any, torch.Tensor, Any]], k: int) -> StepResult:
+        """One optimizer step over this rank's `micro_batches` of (inputs, labels, loop counts), `k` of the
+        loops carrying gradients. A non-finite loss or gradient skips the update (the caller counts it)."""
+        loss_sum, output = self._forward_backward(step, micro_batches, k)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm is a DTensor
+            grad_norm = grad_norm.full_tensor()
+        loss = float(all_reduce_sum(loss_sum, self.d)) / self.d.world
+        result = StepResult(loss=loss, grad_norm=float(grad_norm), output=output)
+        if result.finite:
+            self.opts.step()
+            self.model.constrain_()
+        self.opts.zero_grad()
+        return result
+
+    def _forward_backward(
+        self, step: int, micro_batches: Iterable[tuple[Any, torch.Tensor, Any]], k: int
+    ) -> tuple[torch.Tensor, Any]:
+        """Accumulate gradients of the mean loss over the micro-batches; returns (that loss, last output)."""
+        device = self.d.device
+        loss_sum = torch.zeros((), device=device)
+        out = None
+        for i, (x, y, loops) in enumerate(micro_batches):
+            g = self.d.rank * self.accum + i  # the global micro-batch index fixes this micro's noise
+            torch.manual_seed(step_seed(self.seed, step, 1 + g))
+            sync = contextlib.nullcontext()
+            if self.defer_sync and i < self.accum - 1:
+                sync = self.net.no_sync()
+            with sync:
+                with self.autocast():
+                    out = _forward_loss(
+                        self.net, to_device(x, device), to_device(y, device), to_device(loops, device), k
+                    )
+                (out.loss / self.accum).backward()
+            loss_sum += out.loss.detach() / self.accum
+        return loss_sum, out
+
+
+class StopOnSignal:
+    """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop at the next step boundary; a
+    second one stops at once (KeyboardInterrupt). The previous handlers come back on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
