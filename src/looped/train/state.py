@@ -29,14 +29,11 @@ from torch.distributed.checkpoint.state_dict import (
 from looped.checkpoint import WEIGHTS, atomic_dir, write_model_files
 from looped.config import Config, ConfigError, TrainConfig
 from looped.distributed import Dist, barrier, unwrap
+from looped.errors import TrainingError
 from looped.train.optim import Optimizers
 
 TRAINER, OPTIMIZER = "trainer.json", "optimizer.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. it kept diverging after every roll-back); the message says why."""
 
 
 @dataclass
