@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -156,13 +157,17 @@ def test_study_transfer(data, tmp_path, capsys):
     assert (out / "transfer.png").read_bytes()[:4] == b"\x89PNG"
     text = format_transfer(summary)
     assert "retrofit at μ₀=2" in text and "standard" in text
-    # the CLI resumes the same directory without rerunning anything
+    # the CLI resumes the same directory without rerunning anything, and prints the table on stdout
     lines = (out / "results.jsonl").read_text()
     argv = ["study", "transfer", "--preset", "debug", "--budget", "tokens=512", "--finetune-tokens", "256"]
     argv += ["--mus", "1,3", "--lrs", "1e-3,3e-3", "--out", str(out)]
+    capsys.readouterr()
     assert main([*argv, *[a for s in sets for a in ("--set", s)]]) == 0
     assert (out / "results.jsonl").read_text() == lines
-    assert "fine-tuned" not in capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "retrofit at μ₀=2" in printed and "tuned 2→μ" in printed
+    assert format_transfer(summary) in printed  # the whole table, as the library formats it
+    assert not re.search(r"^\[\d+/\d+\] ", printed, re.MULTILINE)  # no "[n/N] run: loss …": nothing trained
     assert main(["report", str(out)]) == 0
     assert "Transfer across loop depths" in (out / "report.html").read_text()
 

@@ -14,12 +14,13 @@ import dataclasses
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from looped.checkpoint import WEIGHTS, CheckpointError, load, load_config_dir, save
-from looped.config import Config, ConfigError, from_dict, load_config
+from looped.config import Config, ConfigError, ModelConfig, from_dict, load_config
 from looped.model import accounting
 from looped.model.lm import LoopedLM
 from looped.science.compare import steps_for
@@ -121,6 +122,59 @@ def retrofit(
 # ---- `looped study transfer` -------------------------------------------------------------------------------
 
 
+@dataclass
+class _Study:
+    """What every phase of the transfer study shares: the config, μ₀, where runs go, how they are evaluated."""
+
+    cfg: Config
+    out: Path
+    mus: list[int]
+    mu0: int
+    eval_loops: list[int]
+    eval_windows: int
+    parallel: int
+    say: Callable[[str], None]
+
+    def job(
+        self,
+        name: str,
+        tokens: float,
+        record: dict,
+        lr: float,
+        mu: int | None = None,
+        model: ModelConfig | None = None,
+        **train: object,
+    ) -> tuple[str, Config, dict]:
+        """One run for `execute`: the standard model made of the config's layers when `mu` is None, else the
+        looped model (or `model`) at mean loops `mu`; `tokens` at learning rate `lr`, `train` overriding
+        [train] keys; its records carry `record` (phase first) and lr."""
+        tree = self.cfg.to_dict()
+        if mu is None:
+            m = self.cfg.model
+            tree["model"] = accounting.standard_config(
+                m, m.prelude_layers + m.core_layers + m.coda_layers
+            ).to_dict()
+        else:
+            if model is not None:
+                tree["model"] = model.to_dict()
+            tree["loops"]["mean_loops"] = float(mu)
+            tree["model"]["loops"] = mu
+        steps = steps_for(from_dict(tree), "tokens", tokens)
+        tree["optim"]["lr"] = lr
+        tree["train"].update(steps=steps, out=str(self.out / name), **train)
+        tree["eval"]["every"] = 0
+        phase, rest = record["phase"], {k: v for k, v in record.items() if k != "phase"}
+        return name, from_dict(tree), {"phase": phase, "lr": lr, **rest}
+
+    def run(self, jobs: list[tuple[str, Config, dict]]) -> list[dict]:
+        """Run the jobs that have no records yet; returns every record so far."""
+        results = self.out / RESULTS
+        done = finished_runs(results)
+        todo = [j for j in jobs if j[0] not in done]
+        execute(todo, results, self.parallel, self.eval_loops, self.eval_windows, self.say)
+        return read_results(results)
+
+
 def study_transfer(
     config: list[str],
     overrides: list[str],
@@ -143,6 +197,44 @@ def study_transfer(
     3. Retrofit: the standard model (at its best rate) retrofitted into the config's prelude/core/coda and
        trained for `finetune_tokens` at μ₀, against a looped model from scratch with those same tokens.
     Fine-tunes read the data in another order (train.seed + 1) than the runs they start from."""
+    cfg = _transfer_config(config, overrides, budget, finetune_tokens, mus, lrs)
+    mu0 = max(1, round(cfg.loops.mean_loops))
+    mus = sorted(set(mus) | {mu0})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    study = _Study(
+        cfg=cfg,
+        out=out,
+        mus=mus,
+        mu0=mu0,
+        eval_loops=eval_loops or sorted({1, 2, 4, 8, 16, *mus, 2 * max(mus)}),
+        eval_windows=eval_windows,
+        parallel=parallel,
+        say=say,
+    )
+    say(f"transfer study: μ ∈ {mus} (μ₀ = {mu0}) × {len(lrs)} learning rates, then fine-tunes and a retrofit")
+    best = _best_lrs(study.run(_scratch_jobs(study, budget, lrs)), mus)
+    missing = [k for k in [*mus, "standard"] if k not in best]
+    if missing:
+        raise ConfigError(
+            f"transfer study: no finished from-scratch run for {missing[0]}; see the messages above"
+        )
+    jobs = _finetune_jobs(study, best, finetune_tokens) + _retrofit_jobs(study, best, finetune_tokens)
+    summary = summarize_transfer(study.run(jobs), mus, mu0, lrs, budget, finetune_tokens)
+    (out / "transfer.json").write_text(json.dumps(summary, indent=1) + "\n")
+    summary["plot"] = str(plot_transfer(summary, out / "transfer.png"))
+    return summary
+
+
+def _transfer_config(
+    config: list[str],
+    overrides: list[str],
+    budget: float,
+    finetune_tokens: float,
+    mus: list[int],
+    lrs: list[float],
+) -> Config:
+    """The study's config, after checking that its arguments make a study."""
     cfg = load_config(config, overrides)
     if not cfg.model.looped:
         raise ConfigError("looped study transfer needs a looped model (model.core_layers > 0)")
@@ -152,93 +244,54 @@ def study_transfer(
         raise ConfigError("--lrs must be positive learning rates, e.g. 3e-3,1e-2,3e-2")
     if not budget > 0 or not finetune_tokens > 0:
         raise ConfigError("--budget and --finetune-tokens must be positive token counts")
-    mu0 = max(1, round(cfg.loops.mean_loops))
-    mus = sorted(set(mus) | {mu0})
-    eval_loops = eval_loops or sorted({1, 2, 4, 8, 16, *mus, 2 * max(mus)})
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = out / RESULTS
-    m = cfg.model
-    standard = accounting.standard_config(m, m.prelude_layers + m.core_layers + m.coda_layers)
-    seed = cfg.train.seed
+    return cfg
 
-    def job(name: str, tokens: float, extra: dict, lr: float, mu: int | None = None, model=None, **train):
-        tree = cfg.to_dict()
-        if mu is None:
-            tree["model"] = standard.to_dict()
-        else:
-            if model is not None:
-                tree["model"] = model.to_dict()
-            tree["loops"]["mean_loops"] = float(mu)
-            tree["model"]["loops"] = mu
-        steps = steps_for(from_dict(tree), "tokens", tokens)
-        tree["optim"]["lr"] = lr
-        tree["train"].update(steps=steps, out=str(out / name), **train)
-        tree["eval"]["every"] = 0
-        return name, from_dict(tree), {"phase": extra.pop("phase"), "lr": lr, **extra}
 
-    # 1. from scratch at every μ and learning rate, and the standard model
-    say(f"transfer study: μ ∈ {mus} (μ₀ = {mu0}) × {len(lrs)} learning rates, then fine-tunes and a retrofit")
-    grid = [job(f"scratch_mu{mu}_lr{lr:g}", budget, {"phase": "scratch"}, lr, mu) for mu in mus for lr in lrs]
-    grid += [job(f"standard_lr{lr:g}", budget, {"phase": "standard"}, lr) for lr in lrs]
-    done = finished_runs(results)
-    execute([j for j in grid if j[0] not in done], results, parallel, eval_loops, eval_windows, say)
-    best = _best_lrs(read_results(results), mus)
-    missing = [k for k in [*mus, "standard"] if k not in best]
-    if missing:
-        raise ConfigError(
-            f"transfer study: no finished from-scratch run for {missing[0]}; see the messages above"
-        )
-
-    # 2. fine-tunes from μ₀ (at each μ's best rate)
-    base = out / f"scratch_mu{mu0}_lr{best[mu0]:g}" / "final"
-    later = [
-        job(
-            f"finetune_mu{mu}",
-            finetune_tokens,
-            {"phase": "finetune", "from_mu": mu0},
-            best[mu],
-            mu,
-            init_from=str(base),
-            seed=seed + 1,
-        )
-        for mu in mus
+def _scratch_jobs(study: _Study, budget: float, lrs: list[float]) -> list[tuple[str, Config, dict]]:
+    """Phase 1: from scratch at every μ and learning rate, and the standard model at every learning rate."""
+    jobs = [
+        study.job(f"scratch_mu{mu}_lr{lr:g}", budget, {"phase": "scratch"}, lr, mu)
+        for mu in study.mus
+        for lr in lrs
     ]
-    # 3. the retrofit, and a looped model from scratch with the same tokens and data order
-    init = out / "retrofit-init"
+    return jobs + [study.job(f"standard_lr{lr:g}", budget, {"phase": "standard"}, lr) for lr in lrs]
+
+
+def _finetune_jobs(study: _Study, best: dict, tokens: float) -> list[tuple[str, Config, dict]]:
+    """Phase 2: the μ₀ model (at its best rate) fine-tuned at every μ, each at that μ's best rate."""
+    base = study.out / f"scratch_mu{study.mu0}_lr{best[study.mu0]:g}" / "final"
+    seed = study.cfg.train.seed + 1
+    record = {"phase": "finetune", "from_mu": study.mu0}
+    return [
+        study.job(f"finetune_mu{mu}", tokens, record, best[mu], mu, init_from=str(base), seed=seed)
+        for mu in study.mus
+    ]
+
+
+def _retrofit_jobs(study: _Study, best: dict, tokens: float) -> list[tuple[str, Config, dict]]:
+    """Phase 3: the best standard model retrofitted into the config's prelude/core/coda (written once to
+    OUT/retrofit-init) and trained at μ₀, and a looped model from scratch with the same tokens and data order."""
+    m, mu0, seed = study.cfg.model, study.mu0, study.cfg.train.seed + 1
+    init = study.out / "retrofit-init"
     if not (init / WEIGHTS).is_file():
-        source = out / f"standard_lr{best['standard']:g}"
+        source = study.out / f"standard_lr{best['standard']:g}"
         model = retrofit_model(load(source / "final"), m.prelude_layers, m.core_layers, m.coda_layers, mu0)
-        save(model, init, from_dict({**cfg.to_dict(), "model": model.cfg.to_dict()}), retrofit_of=str(source))
+        tree = {**study.cfg.to_dict(), "model": model.cfg.to_dict()}
+        save(model, init, from_dict(tree), retrofit_of=str(source))
     retrofitted = load_config_dir(init).model
-    later.append(
-        job(
+    return [
+        study.job(
             f"retrofit_mu{mu0}",
-            finetune_tokens,
+            tokens,
             {"phase": "retrofit"},
             best[mu0],
             mu0,
             model=retrofitted,
             init_from=str(init),
-            seed=seed + 1,
-        )
-    )
-    later.append(
-        job(
-            f"scratch-short_mu{mu0}",
-            finetune_tokens,
-            {"phase": "scratch-short"},
-            best[mu0],
-            mu0,
-            seed=seed + 1,
-        )
-    )
-    done = finished_runs(results)
-    execute([j for j in later if j[0] not in done], results, parallel, eval_loops, eval_windows, say)
-    summary = summarize_transfer(read_results(results), mus, mu0, lrs, budget, finetune_tokens)
-    (out / "transfer.json").write_text(json.dumps(summary, indent=1) + "\n")
-    summary["plot"] = str(plot_transfer(summary, out / "transfer.png"))
-    return summary
+            seed=seed,
+        ),
+        study.job(f"scratch-short_mu{mu0}", tokens, {"phase": "scratch-short"}, best[mu0], mu0, seed=seed),
+    ]
 
 
 def _judged_at(r: dict) -> int:
