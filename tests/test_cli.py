@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import inspect
+import io
 import json
 import re
 import shutil
@@ -13,7 +16,7 @@ import pytest
 from helpers import fixture_dir
 
 import looped
-from looped.cli import INFO_LOOPS, main
+from looped.cli import INFO_LOOPS, _placement, build_parser, main
 from looped.config import load_config
 from looped.model import LoopedLM, param_counts
 
@@ -318,3 +321,202 @@ def test_info_reports_matched_baselines(capsys):
     assert baselines["flops"]["layers"] == 2 + 2 * 8 + 2
     _, text, _ = run(capsys, "info", "--preset", "parcae-140m")
     assert "parameter-matched: 6 layers" in text
+
+
+# ---------------------------------------------------------------- structure and start-up cost
+
+
+def _subcommands(parser: argparse.ArgumentParser, path=()):
+    """(command path, parser) of every leaf subcommand, e.g. (("data", "prepare"), parser)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+        return
+    for name, child in subs[0].choices.items():
+        yield from _subcommands(child, (*path, name))
+
+
+def test_every_subcommand_has_a_handler():
+    leaves = list(_subcommands(build_parser()))
+    assert len(leaves) >= 18
+    for path, parser in leaves:
+        assert callable(parser.get_default("run")), f"looped {' '.join(path)} sets no handler"
+
+
+def test_help_imports_no_torch():
+    """`looped --help` and every subcommand's --help parse without importing torch (or numpy): the CLI imports
+    what a command runs inside its handler, and `import looped` is lazy."""
+    script = """
+import contextlib, io, sys
+from looped.cli import build_parser, main
+commands = [[]] + [[*path] for path, _ in SUBCOMMANDS(build_parser())]
+for command in commands:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        main([*command, "--help"])
+print(len(commands), sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "numpy")))
+"""
+    source = inspect.getsource(_subcommands).replace("_subcommands", "SUBCOMMANDS")
+    code = "import argparse\n" + source + script
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    count, heavy = proc.stdout.split(" ", 1)
+    assert int(count) >= 19 and heavy.strip() == "[]", proc.stdout
+
+
+def test_import_looped_is_lazy_and_keeps_the_public_api():
+    code = (
+        "import sys, looped\n"
+        "assert 'torch' not in sys.modules\n"
+        "from looped import LoopedLM, Engine, load, save, baseline, Config, ConfigError, load_config\n"
+        "assert 'torch' in sys.modules\n"
+        "assert all(getattr(looped, n) is not None for n in looped.__all__)\n"
+        "from looped.config import ConfigError as C\n"
+        "assert ConfigError is C\n"
+        "try:\n    looped.nope\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "no attribute 'nope'" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("looped.config", "ConfigError"),
+        ("looped.checkpoint", "CheckpointError"),
+        ("looped.data", "DataError"),
+        ("looped.data.errors", "DataError"),
+        ("looped.interop.parcae", "ConversionError"),
+        ("looped.science.fit", "FitError"),
+        ("looped.train.trainer", "TrainingError"),
+    ],
+)
+def test_each_error_type_is_defined_once_in_looped_errors(module, name):
+    """The CLI catches the classes of looped.errors; a module that defined its own would escape as a
+    traceback."""
+    import importlib
+
+    import looped.errors
+
+    assert getattr(importlib.import_module(module), name) is getattr(looped.errors, name)
+    assert getattr(looped.errors, name) in looped.errors.USER_ERRORS
+
+
+def test_a_user_error_is_one_line_and_status_2(capsys, monkeypatch):
+    from looped.errors import TrainingError
+
+    def fail(args):
+        raise TrainingError("the loss kept diverging")
+
+    parser = build_parser()
+    monkeypatch.setattr("looped.cli.build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["report"].set_defaults(run=fail)
+    code, out, err = run(capsys, "report", "somewhere")
+    assert code == 2 and out == ""
+    assert err == "looped report: error: the loss kept diverging\n"
+
+
+# ---------------------------------------------------------------- flags that would be ignored
+
+
+@pytest.mark.parametrize(("extra", "flag"), [(["--size", "16"], "--size"), (["--baseline"], "--baseline")])
+def test_train_task_flags_without_a_task_are_refused(capsys, tmp_path, extra, flag):
+    code, out, err = run(capsys, "train", "--preset", "debug", "--set", f"train.out={tmp_path}", *extra)
+    assert code == 2 and out == ""
+    assert f"{flag} applies to task training only" in err and "--task" in err
+    assert not any(tmp_path.iterdir())  # nothing was trained
+
+
+def test_train_task_resume(capsys, tmp_path):
+    """--task --resume: wired through where task training can resume, refused (before training) otherwise."""
+    from looped.tasks.train import train_task
+
+    if "resume" in inspect.signature(train_task).parameters:
+        pytest.skip("task training resumes: tests/tasks cover --task --resume")
+    code, out, err = run(
+        capsys, "train", "--preset", "debug", "--task", "parity", "--resume", "--set", f"train.out={tmp_path}"
+    )
+    assert code == 2 and out == ""
+    assert "--resume is not supported with --task" in err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag"), [(["--sizes", "8"], "--sizes"), (["--baseline", "x"], "--baseline")]
+)
+def test_eval_task_flags_on_a_language_model_are_refused(capsys, checkpoint, extra, flag):
+    path, _ = checkpoint
+    code, out, err = run(capsys, "eval", str(path), "--loops", "1", *extra)
+    assert code == 2 and out == ""
+    assert f"{flag} applies to task checkpoints" in err
+
+
+def test_device_or_dtype_a_function_cannot_take_is_refused():
+    args = argparse.Namespace(command="export", device="cuda", dtype=None)
+
+    def takes_device(checkpoint, device=None):
+        pass
+
+    def takes_neither(checkpoint):
+        pass
+
+    assert _placement(takes_device, args) == {"device": "cuda"}
+    assert _placement(takes_neither, argparse.Namespace(command="x", device=None, dtype=None)) == {}
+    with pytest.raises(ValueError, match="--device is not supported by looped export"):
+        _placement(takes_neither, args)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "ck", "--prompt", "x"],
+        ["chat", "ck"],
+        ["eval", "ck"],
+        ["calibrate", "ck"],
+        ["serve", "ck"],
+        ["export", "hf", "ck", "out"],
+    ],
+)
+def test_device_and_dtype_flags(command):
+    args = build_parser().parse_args([*command, "--device", "cuda", "--dtype", "bfloat16"])
+    assert (args.device, args.dtype) == ("cuda", "bfloat16")
+    args = build_parser().parse_args(command)
+    assert (args.device, args.dtype) == (None, None)  # None: the checkpoint's [infer] device and dtype
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*command, "--device", "tpu"])
+
+
+# ---------------------------------------------------------------- serve --hash-key
+
+
+def test_hash_key_reads_stdin(capsys, monkeypatch):
+    from looped.serve.auth import hash_key
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("sk-secret\n"))
+    code, out, err = run(capsys, "serve", "--hash-key")
+    assert code == 0, err
+    assert out == hash_key("sk-secret") + "\n"  # the newline that ends the line is not part of the key
+
+
+def test_hash_key_prompts_without_echo_on_a_terminal(capsys, monkeypatch):
+    from looped.serve.auth import hash_key
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    prompts = []
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    monkeypatch.setattr("getpass.getpass", lambda prompt: prompts.append(prompt) or "sk-typed")
+    code, out, _ = run(capsys, "serve", "--hash-key")
+    assert code == 0 and out.strip() == hash_key("sk-typed") and len(prompts) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "stdin", "match"), [(["sk-x"], "", "not from the command line"), ([], "\n", "no key")]
+)
+def test_hash_key_refuses_a_key_in_argv_or_no_key(capsys, monkeypatch, argv, stdin, match):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code, out, err = run(capsys, "serve", "--hash-key", *argv)
+    assert code == 2 and out == ""
+    assert match in err and "sk-x" not in err
