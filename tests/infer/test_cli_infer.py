@@ -5,10 +5,15 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import tomllib
+from pathlib import Path
 
 import pytest
+import torch
 
 from looped.cli import main
+from looped.config import Config, from_dict, to_toml
+from looped.infer.engine import Engine, resolve_device, resolve_dtype
 from looped.infer.session import chat
 
 
@@ -110,3 +115,66 @@ def test_chat_streams_replies_and_takes_commands(trained):
     text = out.getvalue()
     assert text.count("tokens/s") == 2 and "loops=2" in text and "exit=kl:1e-2" in text
     assert "mean loops 4.00" in text  # the first reply at the model's default of 4 loops
+
+
+# ---------------------------------------------------------------- device and dtype
+
+
+def with_infer(trained, tmp_path, **infer) -> Path:
+    """A copy of the trained checkpoint whose config.toml sets these [infer] values."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained, ckpt)
+    tree = tomllib.loads((ckpt / "config.toml").read_text())
+    tree["infer"].update(infer)
+    (ckpt / "config.toml").write_text(to_toml(from_dict(tree)))
+    return ckpt
+
+
+def test_engine_device_and_dtype_default_to_infer_config(trained, tmp_path):
+    ckpt = with_infer(trained, tmp_path, dtype="bfloat16", device="cpu")
+    engine = Engine.from_checkpoint(ckpt)
+    assert next(engine.model.parameters()).dtype == torch.bfloat16 and engine.device.type == "cpu"
+    assert engine.cache.dtype == torch.bfloat16  # the KV cache follows the weights
+    engine = Engine.from_checkpoint(ckpt, dtype="float32")  # an argument wins over [infer]
+    assert next(engine.model.parameters()).dtype == torch.float32
+
+
+def test_auto_device_is_cuda_when_available():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert Config().infer.device == "auto" and Config().infer.dtype == "float32"
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("float8")
+
+
+def test_generate_in_bfloat16_on_the_cpu(trained, capsys):
+    argv = ["generate", str(trained), "--prompt", "the king", "--loops", "2", "--max-new-tokens", "6"]
+    assert main([*argv, "--device", "cpu", "--dtype", "bfloat16", "--temperature", "0", "--json"]) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert record["tokens"] >= 1 and set(record["loops_per_token"]) == {2}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["calibrate", "--loops", "1"]])
+def test_cuda_without_cuda_is_one_line(trained, capsys, command):
+    name, *rest = command
+    one_line_error(capsys, [name, str(trained), *rest, "--device", "cuda"], "CUDA is not available")
+
+
+@pytest.mark.gpu
+def test_engine_generates_the_same_on_cuda_and_cpu(trained):
+    """Greedy decoding, fixed loops and adaptive exit, in float32: the same tokens and loops on either device."""
+    torch.backends.cuda.matmul.allow_tf32 = False  # full float32 matmuls, as on the CPU
+    kwargs = {"max_new_tokens": 24, "temperature": 0}
+    runs = {}
+    for device in ("cpu", "cuda"):
+        engine = Engine.from_checkpoint(trained, device=device, dtype="float32")
+        assert engine.device.type == device
+        runs[device] = [
+            engine.generate(["the king", "a dog sees"], loops=[2, 6], **kwargs),
+            engine.generate("the king", loops=8, exit="kl:1e-2", **kwargs),
+        ]
+    (cpu_fixed, cpu_exit), (gpu_fixed, gpu_exit) = runs["cpu"], runs["cuda"]
+    assert [g.token_ids for g in gpu_fixed] == [g.token_ids for g in cpu_fixed]
+    assert gpu_fixed[0].loops == cpu_fixed[0].loops and set(gpu_fixed[1].loops) == {6}
+    assert gpu_exit.token_ids == cpu_exit.token_ids and gpu_exit.loops == cpu_exit.loops
