@@ -1,4 +1,5 @@
-"""Fixtures shared across test folders: a tiny trained checkpoint (trained once per session, in seconds)."""
+"""Fixtures shared across test folders: a tiny trained checkpoint (trained once per session, in seconds); tests
+marked `gpu` skip, saying why, where CUDA is absent."""
 
 from __future__ import annotations
 
@@ -7,6 +8,22 @@ from helpers import train_config, write_corpus
 
 from looped.data.prepare import prepare
 from looped.train.trainer import train
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu`-marked tests with the reason when this machine has no CUDA device (torch is only asked when
+    such a test was collected)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: none visible to torch {torch.__version__} ({build})")
+    for item in gpu:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
