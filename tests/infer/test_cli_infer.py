@@ -151,7 +151,11 @@ def test_generate_in_bfloat16_on_the_cpu(trained, capsys):
     argv = ["generate", str(trained), "--prompt", "the king", "--loops", "2", "--max-new-tokens", "6"]
     assert main([*argv, "--device", "cpu", "--dtype", "bfloat16", "--temperature", "0", "--json"]) == 0
     (record,) = json.loads(capsys.readouterr().out)
+    assert (record["device"], record["dtype"]) == ("cpu", "bfloat16")
     assert record["tokens"] >= 1 and set(record["loops_per_token"]) == {2}
+    assert main([*argv, "--device", "cpu", "--json"]) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert (record["device"], record["dtype"]) == ("cpu", "float32")  # the checkpoint's [infer] dtype
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

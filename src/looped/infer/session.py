@@ -47,6 +47,8 @@ def record(g: Generation, loops: int | None, engine: Engine, exit: str | None) -
         "loops": loops if loops is not None else (max(g.loops) if g.loops else None),
         "exit": exit,
         "kv_cache": engine.kv_cache,
+        "device": engine.device.type,
+        "dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
         "tokens": len(g.token_ids),
         **d,
     }
