@@ -8,8 +8,10 @@ from helpers import require_optional
 require_optional("fastapi", "test")
 require_optional("uvicorn", "test")
 require_optional("httpx", "test")
+require_optional("prometheus_client", "test")
 
 from fastapi.testclient import TestClient  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from looped.config import ServeConfig  # noqa: E402
 from looped.infer.engine import Engine  # noqa: E402
@@ -21,6 +23,27 @@ MODEL = "run"  # the session checkpoint is <tmp>/run/final
 @pytest.fixture(scope="session")
 def engine(trained):
     return Engine.from_checkpoint(trained)
+
+
+def scrape(text: str) -> dict[str, dict]:
+    """A /metrics page read by prometheus_client's own parser: {family name: {"type": ..., "samples":
+    {(sample name, sorted labels): value}}}."""
+    return {
+        f.name: {
+            "type": f.type,
+            "samples": {(s.name, tuple(sorted(s.labels.items()))): s.value for s in f.samples},
+        }
+        for f in text_string_to_metric_families(text)
+    }
+
+
+def sample(text: str, name: str, **labels) -> float:
+    """The value of one sample of a /metrics page (KeyError when it has none)."""
+    key = (name, tuple(sorted(labels.items())))
+    for family in scrape(text).values():
+        if key in family["samples"]:
+            return family["samples"][key]
+    raise KeyError(f"no sample {name}{labels or ''} in /metrics")
 
 
 def client_for(engine, **serve) -> TestClient:

@@ -1,96 +1,81 @@
-"""Server metrics in the Prometheus text format (exposition format 0.0.4), kept in memory."""
+"""Server metrics for GET /metrics: counters, gauges and histograms kept by `prometheus_client`, one registry
+per app so that two apps in one process (tests, benchmarks) count apart."""
 
 from __future__ import annotations
 
-import bisect
-import threading
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-        self.n = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.n += 1
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# The classic text format (0.0.4), which every Prometheus version reads; `generate_latest` writes it.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
-    """Counters, gauges and histograms of the server; `render()` writes them for GET /metrics."""
+    """The server's metrics in a registry of their own; `render()` writes them for GET /metrics.
+
+    The metric objects are thread-safe: the engine thread calls `step`, the web handlers the rest.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}  # (endpoint, status) → count
-        self.tokens = 0
-        self.prompt_tokens = 0
-        self.loops = 0  # core-block runs over all generated tokens
-        self.flops = 0.0
-        self.latency = Histogram(LATENCY_BUCKETS)
-        self.ttft = Histogram(LATENCY_BUCKETS)
-        self.batch = Histogram((1, 2, 4, 8, 16, 32, 64))
-        self.queued = 0
-        self.running = 0
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "looped_requests_total",
+            "Requests answered, by endpoint and HTTP status.",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.tokens = Counter("looped_generated_tokens_total", "Tokens generated.", registry=r)
+        self.prompt_tokens = Counter("looped_prompt_tokens_total", "Prompt tokens read.", registry=r)
+        self.loops = Counter(
+            "looped_loops_total", "Core-block loops run over all generated tokens.", registry=r
+        )
+        self.flops = Counter("looped_flops_total", "Forward FLOPs spent on generated tokens.", registry=r)
+        self.queued = Gauge("looped_queued_requests", "Requests waiting for a batch slot.", registry=r)
+        self.running = Gauge("looped_running_requests", "Requests in the running batch.", registry=r)
+        self.latency = Histogram(
+            "looped_request_seconds",
+            "Time from arrival to the last token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "looped_time_to_first_token_seconds",
+            "Time from arrival to the first token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch = Histogram(
+            "looped_batch_size",
+            "Requests decoded together per engine step.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
 
     def request(self, endpoint: str, status: int) -> None:
-        with self._lock:
-            self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
+        """Count a request answered on `endpoint` with HTTP `status`."""
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
 
     def finished(
         self, prompt_tokens: int, loops: list[int], flops: float, seconds: float, ttft: float | None
-    ):
-        with self._lock:
-            self.prompt_tokens += prompt_tokens
-            self.tokens += len(loops)
-            self.loops += sum(loops)
-            self.flops += flops
-            self.latency.observe(seconds)
-            if ttft is not None:
-                self.ttft.observe(ttft)
+    ) -> None:
+        """Count one finished generation: its prompt, the loops of each token, its FLOPs and times."""
+        self.prompt_tokens.inc(prompt_tokens)
+        self.tokens.inc(len(loops))
+        self.loops.inc(sum(loops))
+        self.flops.inc(flops)
+        self.latency.observe(seconds)
+        if ttft is not None:
+            self.ttft.observe(ttft)
 
     def step(self, batch: int, queued: int, running: int) -> None:
-        with self._lock:
-            if batch:
-                self.batch.observe(batch)
-            self.queued, self.running = queued, running
+        """Record one engine step: how many requests it decoded, and how many wait and run after it."""
+        if batch:
+            self.batch.observe(batch)
+        self.queued.set(queued)
+        self.running.set(running)
 
     def render(self) -> str:
-        with self._lock:
-            lines = [
-                "# HELP looped_requests_total Requests answered, by endpoint and HTTP status.",
-                "# TYPE looped_requests_total counter",
-            ]
-            for (endpoint, status), n in sorted(self.requests.items()):
-                lines.append(f'looped_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
-            for name, kind, text, value in (
-                ("looped_generated_tokens_total", "counter", "Tokens generated.", self.tokens),
-                ("looped_prompt_tokens_total", "counter", "Prompt tokens read.", self.prompt_tokens),
-                (
-                    "looped_loops_total",
-                    "counter",
-                    "Core-block loops run over all generated tokens.",
-                    self.loops,
-                ),
-                ("looped_flops_total", "counter", "Forward FLOPs spent on generated tokens.", self.flops),
-                ("looped_queued_requests", "gauge", "Requests waiting for a batch slot.", self.queued),
-                ("looped_running_requests", "gauge", "Requests in the running batch.", self.running),
-            ):
-                lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
-            for name, text, h in (
-                ("looped_request_seconds", "Time from arrival to the last token.", self.latency),
-                ("looped_time_to_first_token_seconds", "Time from arrival to the first token.", self.ttft),
-                ("looped_batch_size", "Requests decoded together per engine step.", self.batch),
-            ):
-                lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
-                total = 0
-                for bound, count in zip((*h.buckets, float("inf")), h.counts, strict=True):
-                    total += count
-                    le = "+Inf" if bound == float("inf") else f"{bound:g}"
-                    lines.append(f'{name}_bucket{{le="{le}"}} {total}')
-                lines += [f"{name}_sum {h.sum:g}", f"{name}_count {h.n}"]
-        return "\n".join(lines) + "\n"
+        """The metrics in the Prometheus text format."""
+        return generate_latest(self.registry).decode()

@@ -100,14 +100,13 @@ class Scheduler:
                 self._fail_all(APIError(f"generation failed: {type(e).__name__}: {e}", 500))
                 continue
             self.steps += 1
+            finished = [self.live.pop(req.id) for req in touched if req.finished and req.id in self.live]
+            # the load after the step, recorded before any client hears of its end
             self.metrics.step(len(touched), len(self.pending), len(self.live))
-            for req in touched:
-                item = self.live.get(req.id)
-                if item is not None and req.finished:
-                    self._flush(item)
-                    del self.live[req.id]
-                    if req.finish_reason != "cancelled":
-                        item.deliver(("done", self.engine.result(req)))
+            for item in finished:
+                self._flush(item)
+                if item.req.finish_reason != "cancelled":
+                    item.deliver(("done", self.engine.result(item.req)))
 
     def _admit(self) -> None:
         with self.lock:
