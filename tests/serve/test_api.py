@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 import time
+from pathlib import Path
 
 import pytest
-from conftest import MODEL, client_for
+from conftest import MODEL, client_for, sample, scrape
 
-from looped.serve.auth import hash_key
+from looped.config import ServeConfig, load_config
+from looped.errors import ConfigError
+from looped.serve.app import create_app
+from looped.serve.auth import PLACEHOLDER, hash_key
+from looped.serve.protocol import chat_prompt
+
+EXAMPLE = Path(__file__).parents[2] / "configs" / "serve.toml"
 
 
 def complete(client, **body):
@@ -93,12 +102,38 @@ def test_models_health_metrics_and_page(client):
         "best",
     }
     assert client.get("/health").json()["status"] == "ok"
-    complete(client, max_tokens=2)
-    text = client.get("/metrics").text
-    assert 'looped_requests_total{endpoint="/v1/completions",status="200"}' in text
-    assert "# TYPE looped_request_seconds histogram" in text and "looped_loops_total" in text
     page = client.get("/")
     assert page.status_code == 200 and 'id="strip"' in page.text and MODEL in page.text
+
+
+def test_metrics_count_what_one_app_served(engine, client):
+    """GET /metrics read by prometheus_client's parser: a second app in this process (the module's `client`
+    lives on) counts exactly its own requests, tokens and loops."""
+    assert complete(client, max_tokens=1).status_code == 200  # counted by the other app only
+    with client_for(engine) as c:
+        r = complete(c, max_tokens=4, loops=3, temperature=0, loops_per_token=True)
+        assert r.status_code == 200 and complete(c, loops=0).status_code == 400
+        response = c.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text, usage, looped = response.text, r.json()["usage"], r.json()["looped"]
+    types = {name: family["type"] for name, family in scrape(text).items()}
+    assert types["looped_requests"] == types["looped_loops"] == "counter"
+    assert types["looped_request_seconds"] == types["looped_batch_size"] == "histogram"
+    assert types["looped_queued_requests"] == types["looped_running_requests"] == "gauge"
+    assert sample(text, "looped_requests_total", endpoint="/v1/completions", status="200") == 1
+    assert sample(text, "looped_requests_total", endpoint="/v1/completions", status="400") == 1
+    assert sample(text, "looped_generated_tokens_total") == usage["completion_tokens"]
+    assert sample(text, "looped_prompt_tokens_total") == usage["prompt_tokens"]
+    assert (
+        sample(text, "looped_loops_total") == sum(looped["loops_per_token"]) == 3 * usage["completion_tokens"]
+    )
+    flops = looped["flops_per_token"] * usage["completion_tokens"]
+    assert sample(text, "looped_flops_total") == pytest.approx(flops)
+    assert sample(text, "looped_request_seconds_count") == 1
+    assert sample(text, "looped_request_seconds_bucket", le="+Inf") == 1
+    assert sample(text, "looped_time_to_first_token_seconds_count") == 1
+    assert sample(text, "looped_batch_size_count") >= 1
+    assert sample(text, "looped_queued_requests") == sample(text, "looped_running_requests") == 0
 
 
 BAD = [
@@ -141,10 +176,77 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(client, what, body, m
     assert complete(client, max_tokens=1).status_code == 200
 
 
+def chat(client, messages, **body):
+    return client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, **body})
+
+
 def test_bad_chat_messages(client):
     for messages in ([], [{"role": "robot", "content": "x"}], [{"role": "user", "content": 3}]):
-        r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages})
+        r = chat(client, messages)
         assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+
+
+def test_chat_content_as_text_parts(client):
+    """OpenAI's list-of-parts content: the text parts, joined, read as the same string would be."""
+    parts = [{"type": "text", "text": "Spe"}, {"type": "text", "text": "ak."}]
+    assert chat_prompt([{"role": "system", "content": [parts[0]]}, {"role": "user", "content": parts}]) == (
+        "System: Spe\nUser: Speak.\nAssistant:"
+    )
+    whole = chat(client, [{"role": "user", "content": "Speak."}], max_tokens=6, temperature=0)
+    split = chat(client, [{"role": "user", "content": parts}], max_tokens=6, temperature=0)
+    assert split.status_code == 200, split.text
+    assert split.json()["usage"] == whole.json()["usage"]
+    assert split.json()["choices"][0]["message"] == whole.json()["choices"][0]["message"]
+
+
+NOT_TEXT = [
+    ("image", {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, 'type "image_url"'),
+    ("audio", {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, 'type "input_audio"'),
+    ("no type", {"text": "a"}, "type null"),
+    ("a bare string", "a", "type null"),
+    ("text not a string", {"type": "text", "text": 3}, "text must be a string"),
+]
+
+
+@pytest.mark.parametrize("what,part,message", NOT_TEXT, ids=[n[0] for n in NOT_TEXT])
+def test_chat_content_parts_other_than_text_get_400(client, what, part, message):
+    content = [{"type": "text", "text": "Look:"}, part]
+    r = chat(client, [{"role": "user", "content": "Hi."}, {"role": "user", "content": content}])
+    assert r.status_code == 400, (what, r.text)
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "messages"
+    assert error["message"].startswith("messages[1].content[1]") and message in error["message"]
+    if what in ("image", "audio"):
+        assert "only text parts" in error["message"]
+
+
+def test_min_loops_over_the_loops_run_gets_400(client, engine):
+    """A request's min_loops above the loops it runs per token is refused, wherever those loops come from;
+    up to them it is honoured."""
+    default = engine.model.cfg.loops
+    cases = [
+        (
+            {"loops": 2, "min_loops": 3, "exit": "kl:1e-3"},
+            "'min_loops' = 3 is more than the 2 loops",
+            "'loops'",
+        ),
+        ({"compute": "fast", "min_loops": 2}, "more than the 1 loops", "tier 'fast'"),
+        ({"min_loops": default + 1}, f"more than the {default} loops", "default loops"),
+        ({"max_flops_per_token": 1e30, "min_loops": 65}, "more than the 64 loops", "loop cap of 64"),
+    ]
+    for extra, message, source in cases:
+        r = complete(client, max_tokens=2, **extra)
+        assert r.status_code == 400, (extra, r.text)
+        error = r.json()["error"]
+        assert message in error["message"] and source in error["message"] and error["param"] == "min_loops"
+    r = complete(client, max_tokens=3, loops=3, min_loops=3, exit="kl:1e30", loops_per_token=True)
+    assert r.status_code == 200 and set(r.json()["looped"]["loops_per_token"]) == {3}
+
+
+def test_a_tier_with_min_loops_over_its_loops_is_a_startup_error(engine):
+    tiers = {"odd": {"loops": 2, "min_loops": 3, "exit": "kl:1e-3"}}
+    with pytest.raises(ValueError, match="serve.tiers.odd: min_loops = 3 is more than its loops = 2"):
+        create_app(engine, ServeConfig(tiers=tiers))
 
 
 def test_limits_body_queue_timeout(engine):
@@ -177,6 +279,7 @@ def test_keys_tiers_caps_and_rates(engine):
             "rate_per_minute": 3,
         },
         {"name": "bob", "sha256": hash_key("sk-bob")},
+        {"name": "carol", "sha256": hash_key("sk-carol"), "max_loops": 2},
     ]
     with client_for(engine, keys=keys) as c:
         body = {"model": MODEL, "prompt": "a", "max_tokens": 1}
@@ -186,26 +289,35 @@ def test_keys_tiers_caps_and_rates(engine):
             return c.post("/v1/completions", json={**body, **extra}, headers=headers)
 
         assert post(None).status_code == 401 and c.get("/v1/models").status_code == 401
+        assert post(" ").status_code == 401  # an empty key is no key
         r = post("sk-wrong")
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         assert "sk-wrong" not in r.text
         assert post("sk-alice", compute="best").status_code == 403
         r = post("sk-alice", loops=3)
         assert r.status_code == 400 and "[1, 2]" in r.json()["error"]["message"]
+        r = post("sk-alice", min_loops=3)  # the model's 4 loops, held at the key's 2
+        assert r.status_code == 400 and "loop cap of 2 for this caller" in r.json()["error"]["message"]
         for extra in ({"compute": "fast"}, {"loops": 2}, {}):  # refused requests did not count
             assert post("sk-alice", **extra).status_code == 200
         r = post("sk-alice", compute="fast")
         assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
         assert post("sk-bob", loops=16).status_code == 200  # another key, no limits
+        for tier in ("balanced", "best"):  # a tier's 4 or 16 loops are held at carol's 2
+            r = post("sk-carol", compute=tier, max_tokens=3, loops_per_token=True)
+            assert r.status_code == 200, r.text
+            assert r.json()["looped"]["max_loops"] <= 2 and r.json()["looped"]["tier"] == tier
+        assert post("sk-carol", compute="best", loops=3).status_code == 400  # loops it asked for itself
         assert c.get("/v1/models", headers={"Authorization": "Bearer sk-bob"}).status_code == 200
         assert "sk-alice" not in c.get("/metrics").text
 
 
-def test_hash_key_cli(capsys):
-    from looped.cli import main
-
-    assert main(["serve", "--hash-key", "sk-x"]) == 0
-    assert capsys.readouterr().out.strip() == hash_key("sk-x")
+def test_hash_key():
+    """The digest is SHA-256 of the key as sent, without the whitespace a terminal or a header adds."""
+    assert hash_key("sk-x") == hashlib.sha256(b"sk-x").hexdigest()
+    assert hash_key(" sk-x\n") == hash_key("sk-x")
+    with pytest.raises(ValueError, match="empty"):
+        hash_key(" \n")
 
 
 def test_serve_cli_starts_and_answers(trained, tmp_path):
@@ -261,17 +373,39 @@ def test_serve_cli_errors(tmp_path, capsys):
     assert "needs a checkpoint" in capsys.readouterr().err
 
 
-def test_example_serve_config(engine):
-    """configs/serve.toml loads, and its example keys work as its comments say."""
-    from pathlib import Path
+def test_example_serve_config_ships_no_working_key(engine, trained, monkeypatch, capsys):
+    """configs/serve.toml holds placeholders, not digests of public keys; serving it as shipped stops at once
+    with a message that says what to do, before the model loads."""
+    cfg = load_config([EXAMPLE]).serve
+    assert cfg.keys and {k["sha256"] for k in cfg.keys} == {PLACEHOLDER}
+    with pytest.raises(ConfigError, match="looped serve --hash-key"):
+        create_app(engine, cfg)
 
-    from looped.config import load_config
+    def never(*args, **kwargs):
+        raise AssertionError("the server started with placeholder keys")
 
-    cfg = load_config([Path(__file__).parents[2] / "configs" / "serve.toml"]).serve
-    with client_for(engine, **cfg.to_dict()) as c:
-        body = {"model": MODEL, "prompt": "a", "max_tokens": 1}
-        free = {"Authorization": "Bearer sk-free-example"}
-        assert c.post("/v1/completions", json={**body, "compute": "fast"}, headers=free).status_code == 200
-        assert c.post("/v1/completions", json={**body, "compute": "best"}, headers=free).status_code == 403
-        pro = {"Authorization": "Bearer sk-pro-example"}
-        assert c.post("/v1/completions", json={**body, "compute": "best"}, headers=pro).status_code == 200
+    monkeypatch.setattr("uvicorn.run", never)
+    monkeypatch.setattr("looped.infer.engine.Engine.from_checkpoint", never)
+    from looped.cli import main
+
+    assert main(["serve", str(trained), "--config", str(EXAMPLE)]) == 2
+    err = capsys.readouterr().err
+    assert "'free', 'pro'" in err and "placeholder" in err and "looped serve --hash-key" in err
+
+
+def test_example_serve_config_with_own_keys(engine):
+    """configs/serve.toml with the digests of keys made here: its tiers and limits work as its comments say."""
+    cfg = load_config([EXAMPLE]).serve
+    secret = {name: secrets.token_urlsafe(16) for name in ("free", "pro")}
+    keys = [dict(k, sha256=hash_key(secret[k["name"]])) for k in cfg.keys]
+    with client_for(engine, **(cfg.to_dict() | {"keys": keys})) as c:
+
+        def post(name, **extra):
+            body = {"model": MODEL, "prompt": "a", "max_tokens": 1, **extra}
+            return c.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {secret[name]}"})
+
+        assert post("free", compute="fast").status_code == 200
+        assert post("free", compute="best").status_code == 403
+        assert post("free", loops=5).status_code == 400  # at most 4 loops per token
+        assert post("pro", compute="best").status_code == 200
+        assert post("pro", loops=16).status_code == 200

@@ -1,56 +1,44 @@
-"""The FastAPI application of `looped serve`: OpenAI-compatible completions and chat (streamed as server-sent
-events or whole), models, health, Prometheus metrics and the playground page.
+"""The FastAPI application of `looped serve`: routes for OpenAI-compatible completions and chat (streamed as
+server-sent events or whole; see `handler`), models, health, Prometheus metrics and the playground page.
 
 Every error is answered in OpenAI's error shape and counted; nothing a client sends can stop the server.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from looped.config import ServeConfig
 from looped.infer.engine import Engine
 from looped.serve.auth import Keyring
-from looped.serve.metrics import Metrics
-from looped.serve.protocol import (
-    APIError,
-    Ask,
-    chunk,
-    decode_body,
-    looped_info,
-    new_id,
-    parse_request,
-    response,
-    sse,
-    usage,
-)
-from looped.serve.scheduler import Item, QueueFull, Scheduler, deliverer
+from looped.serve.handler import Handler
+from looped.serve.metrics import CONTENT_TYPE, Metrics
+from looped.serve.protocol import APIError
+from looped.serve.scheduler import Scheduler
 
 
-def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None):
-    """The ASGI app serving `engine`; its scheduler thread starts and stops with the app (lifespan)."""
+def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None) -> FastAPI:
+    """The ASGI app serving `engine`; its scheduler thread starts and stops with the app (lifespan).
+
+    Raises:
+        ValueError: the checkpoint has no tokenizer, or a tier asks for loops the model cannot run.
+        ConfigError: a key in `cfg.keys` still has the example's placeholder digest.
+    """
     if engine.tokenizer is None:
         raise ValueError("looped serve needs a checkpoint with a tokenizer.json")
+    check_tiers(cfg, engine.infer.max_loops)
     name = model_name or cfg.model_name or _default_name(engine.checkpoint)
-    for tier, spec in cfg.tiers.items():  # a tier the model cannot run is a start-up error, not a 400 later
-        loops = spec.get("loops")
-        if isinstance(loops, int) and not 1 <= loops <= engine.infer.max_loops:
-            raise ValueError(
-                f"serve.tiers.{tier}.loops = {loops} is outside [1, infer.max_loops = "
-                f"{engine.infer.max_loops}]"
-            )
     metrics = Metrics()
-    keyring = Keyring(cfg)
     scheduler = Scheduler(engine, cfg.max_batch, cfg.queue_size, metrics)
-    defaults = engine.sampling()
+    handler = Handler(engine, cfg, name, Keyring(cfg), scheduler, metrics)
+    card = _model_card(engine, cfg, name)
+    page = _playground(engine, cfg, name)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -61,180 +49,22 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None):
     app = FastAPI(title="looped", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler, app.state.metrics, app.state.model_name = scheduler, metrics, name
 
-    def error(e: APIError, endpoint: str) -> JSONResponse:
-        metrics.request(endpoint, e.status)
-        headers = {"Retry-After": "1"} if e.status == 429 else None
-        return JSONResponse(e.body(), status_code=e.status, headers=headers)
-
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > cfg.max_body_bytes:
-            raise APIError(f"the request body is over {cfg.max_body_bytes} bytes", 413)
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > cfg.max_body_bytes:
-                raise APIError(f"the request body is over {cfg.max_body_bytes} bytes", 413)
-        return bytes(body)
-
-    async def generate(request: Request, kind: str):
-        endpoint = "/v1/completions" if kind == "completion" else "/v1/chat/completions"
-        arrived = time.perf_counter()
-        try:
-            key = keyring.identify(request.headers.get("authorization"))
-            ask = parse_request(kind, decode_body(await read_body(request)), cfg, name, defaults)
-            keyring.admit(key, ask)
-            compute = dataclasses.replace(ask.compute, max_loops=keyring.cap(key, engine.infer.max_loops))
-            prompts = []
-            for i, prompt in enumerate(ask.prompts):
-                try:
-                    ids, _, _ = engine.prepare(prompt, ask.sampling, compute)
-                except ValueError as e:
-                    where = f"prompt {i}: " if len(ask.prompts) > 1 else ""
-                    raise APIError(where + str(e)) from None
-                prompts.append(ids)
-            keyring.count(key)
-            loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-            items = [
-                Item(ids, ask.sampling, compute, deliverer(loop, queue, i), arrived=arrived)
-                for i, ids in enumerate(prompts)
-            ]
-            try:
-                scheduler.submit(items)
-            except QueueFull:
-                raise APIError(
-                    f"the server is busy: {cfg.queue_size} requests are waiting; retry later",
-                    429,
-                    code="queue_full",
-                ) from None
-        except APIError as e:
-            return error(e, endpoint)
-        rid = new_id(kind)
-        deadline = arrived + cfg.request_timeout_s
-        if ask.stream:
-            metrics.request(endpoint, 200)
-            return StreamingResponse(
-                stream(ask, rid, items, queue, deadline, arrived),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-        gens: list = [None] * len(items)
-        first = None
-        try:
-            while any(g is None for g in gens):
-                index, event = await _next(queue, deadline)
-                if event[0] == "token":
-                    first = first or time.perf_counter()
-                elif event[0] == "done":
-                    gens[index] = event[1]
-                else:
-                    scheduler.cancel(items)
-                    return error(event[1], endpoint)
-        except TimeoutError:
-            scheduler.cancel(items)
-            return error(
-                APIError(
-                    f"the request did not finish within serve.request_timeout_s = "
-                    f"{cfg.request_timeout_s:g} s",
-                    504,
-                    code="timeout",
-                ),
-                endpoint,
-            )
-        except asyncio.CancelledError:  # the client went away
-            scheduler.cancel(items)
-            raise
-        timings = _timings(items, arrived, first)
-        _count(ask, gens, arrived, first)
-        metrics.request(endpoint, 200)
-        return JSONResponse(response(ask, rid, gens, timings))
-
-    async def stream(
-        ask: Ask, rid: str, items: list[Item], queue: asyncio.Queue, deadline: float, arrived: float
-    ):
-        done: list = [None] * len(items)
-        first = None
-        try:
-            if ask.kind == "chat":
-                yield sse(chunk(ask, rid, 0, "", [], role=True))
-            while any(g is None for g in done):
-                try:
-                    index, event = await _next(queue, deadline)
-                except TimeoutError:
-                    yield sse(
-                        APIError(
-                            f"the request did not finish within serve.request_timeout_s = "
-                            f"{cfg.request_timeout_s:g} s",
-                            504,
-                            code="timeout",
-                        ).body()
-                    )
-                    scheduler.cancel(items)
-                    return
-                if event[0] == "token":
-                    first = first or time.perf_counter()
-                    yield sse(chunk(ask, rid, index, event[1], event[2]))
-                elif event[0] == "done":
-                    done[index] = gen = event[1]
-                    last = chunk(ask, rid, index, None if ask.kind == "chat" else "", [], gen.finish_reason)
-                    if all(g is not None for g in done):
-                        last["usage"] = usage(done)
-                        last["looped"] |= looped_info(
-                            done, ask.loops_per_token, ask.tier, _timings(items, arrived, first)
-                        )
-                    yield sse(last)
-                else:
-                    yield sse(event[1].body())
-                    scheduler.cancel(items)
-                    return
-            _count(ask, done, arrived, first)
-            yield sse("[DONE]")
-        finally:  # a client that goes away mid-stream stops its generation
-            if any(g is None for g in done):
-                scheduler.cancel(items)
-
-    def _count(ask: Ask, gens: list, arrived: float, first: float | None) -> None:
-        for g in gens:
-            metrics.finished(
-                g.prompt_tokens,
-                g.loops,
-                g.flops_per_token * len(g.token_ids),
-                time.perf_counter() - arrived,
-                None if first is None else first - arrived,
-            )
-
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await generate(request, "completion")
+        return await handler(request, "completion")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await generate(request, "chat")
+        return await handler(request, "chat")
 
     @app.get("/v1/models")
     async def models(request: Request):
         try:
-            keyring.identify(request.headers.get("authorization"))
+            handler.keyring.identify(request.headers.get("authorization"))
         except APIError as e:
-            return error(e, "/v1/models")
+            return handler.error(e, "/v1/models")
         metrics.request("/v1/models", 200)
-        m = engine.model
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": int(_created(engine)),
-                    "owned_by": "looped",
-                    "loops": m.cfg.loops,
-                    "max_loops": engine.infer.max_loops,
-                    "tiers": cfg.tiers,
-                    "context": m.cfg.max_seq_len,
-                    "parameters": sum(p.numel() for p in m.parameters()),
-                }
-            ],
-        }
+        return {"object": "list", "data": [card]}
 
     @app.get("/health")
     async def health():
@@ -246,44 +76,57 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None):
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
-
-    page = resources.files("looped.serve").joinpath("playground.html").read_text()
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/")
     async def playground():
-        return HTMLResponse(
-            page.replace("__MODEL__", name)
-            .replace("__MAX_LOOPS__", str(engine.infer.max_loops))
-            .replace("__LOOPS__", str(engine.model.cfg.loops))
-            .replace("__TIERS__", ",".join(cfg.tiers))
-        )
+        return HTMLResponse(page)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
-        return error(APIError(f"internal error: {type(exc).__name__}", 500), request.url.path)
+        return handler.error(APIError(f"internal error: {type(exc).__name__}", 500), request.url.path)
 
     return app
 
 
-async def _next(queue: asyncio.Queue, deadline: float):
-    remaining = deadline - time.perf_counter()
-    if remaining <= 0:
-        raise TimeoutError
-    return await asyncio.wait_for(queue.get(), timeout=remaining)
+def check_tiers(cfg: ServeConfig, max_loops: int) -> None:
+    """A tier the model cannot run is a start-up error, not a 400 on every request that names it."""
+    for tier, spec in cfg.tiers.items():
+        for field in ("loops", "min_loops"):
+            value = spec.get(field)
+            if isinstance(value, int) and not 1 <= value <= max_loops:
+                raise ValueError(
+                    f"serve.tiers.{tier}.{field} = {value} is outside [1, infer.max_loops = {max_loops}]"
+                )
+        loops, least = spec.get("loops"), spec.get("min_loops")
+        if isinstance(loops, int) and isinstance(least, int) and least > loops:
+            raise ValueError(f"serve.tiers.{tier}: min_loops = {least} is more than its loops = {loops}")
 
 
-def _timings(items: list[Item], arrived: float, first: float | None) -> dict:
-    now = time.perf_counter()
-    admitted = [i.admitted for i in items if i.admitted is not None]
-    reqs = [i.req for i in items if i.req is not None]
+def _model_card(engine: Engine, cfg: ServeConfig, name: str) -> dict:
+    """The model's entry in GET /v1/models: OpenAI's fields, then its loops, tiers, context and size."""
+    m = engine.model
     return {
-        "queue_ms": (max(admitted) - arrived) * 1000 if admitted else 0.0,
-        "prefill_ms": max((r.prefill_ms for r in reqs), default=0.0),
-        "decode_ms": max((r.decode_ms for r in reqs), default=0.0),
-        "ttft_ms": (first - arrived) * 1000 if first is not None else None,
-        "total_ms": (now - arrived) * 1000,
+        "id": name,
+        "object": "model",
+        "created": int(_created(engine)),
+        "owned_by": "looped",
+        "loops": m.cfg.loops,
+        "max_loops": engine.infer.max_loops,
+        "tiers": cfg.tiers,
+        "context": m.cfg.max_seq_len,
+        "parameters": sum(p.numel() for p in m.parameters()),
     }
+
+
+def _playground(engine: Engine, cfg: ServeConfig, name: str) -> str:
+    page = resources.files("looped.serve").joinpath("playground.html").read_text()
+    return (
+        page.replace("__MODEL__", name)
+        .replace("__MAX_LOOPS__", str(engine.infer.max_loops))
+        .replace("__LOOPS__", str(engine.model.cfg.loops))
+        .replace("__TIERS__", ",".join(cfg.tiers))
+    )
 
 
 def _default_name(checkpoint: Path | None) -> str:
@@ -305,9 +148,24 @@ def serve(
     overrides: list[str],
     host: str | None = None,
     port: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> None:
     """Load a checkpoint (safetensors only) with its config changed by `files` and `overrides`, and serve it
-    until interrupted."""
+    until interrupted.
+
+    Args:
+        checkpoint: The checkpoint directory.
+        files: serve (or other) TOML files applied over the checkpoint's config, in order.
+        overrides: `section.key=value` settings applied last.
+        host: The address to listen on; None: serve.host.
+        port: The port; None: serve.port.
+        device: Where the model runs; None: infer.device of the resolved config.
+        dtype: The model's dtype; None: infer.dtype of the resolved config.
+
+    Raises:
+        ConfigError: the config is invalid, or a key still has the example's placeholder digest.
+    """
     import uvicorn
 
     from looped.checkpoint import load_config_dir
@@ -316,7 +174,10 @@ def serve(
     checkpoint = Path(checkpoint)
     load_config_dir(checkpoint)  # a clear error when it is not a checkpoint directory
     cfg = load_config([checkpoint / "config.toml", *files], overrides)
-    engine = Engine.from_checkpoint(checkpoint)
+    Keyring(cfg.serve)  # a key left with the example's placeholder digest stops here, before the model loads
+    engine = Engine.from_checkpoint(
+        checkpoint, device=device or cfg.infer.device, dtype=dtype or cfg.infer.dtype
+    )
     engine.infer = cfg.infer
     app = create_app(engine, cfg.serve)
     host = host or cfg.serve.host

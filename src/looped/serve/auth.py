@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import hmac
 import threading
@@ -10,11 +11,27 @@ import time
 from dataclasses import dataclass, field
 
 from looped.config import ServeConfig
+from looped.errors import ConfigError
+from looped.infer.engine import Compute
 from looped.serve.protocol import APIError, Ask
+
+# The digest configs/serve.toml ships in place of real ones. No key is known to hash to it, and a server
+# refuses to start while a key still has it, so the example can never be served with a guessable key.
+PLACEHOLDER = "0" * 64
 
 
 def hash_key(key: str) -> str:
-    """The digest to put in serve.keys[].sha256 for `key`."""
+    """The digest to put in serve.keys[].sha256 for `key` (`looped serve --hash-key`).
+
+    Surrounding whitespace is not part of the key, as in an `Authorization: Bearer KEY` header, so a key read
+    from a terminal or a pipe with its newline hashes the same.
+
+    Raises:
+        ValueError: the key is empty.
+    """
+    key = key.strip()
+    if not key:
+        raise ValueError("an API key cannot be empty")
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -28,10 +45,21 @@ class Key:
 
 
 class Keyring:
-    """Who may call, with which tiers and loops, and how often (a sliding one-minute window per key)."""
+    """Who may call, with which tiers and loops, and how often (a sliding one-minute window per key).
+
+    Raises:
+        ConfigError: a key still has the example's placeholder digest (`PLACEHOLDER`).
+    """
 
     def __init__(self, cfg: ServeConfig, clock=time.monotonic) -> None:
         self.keys = [Key(**k) for k in cfg.keys]
+        waiting = [k.name for k in self.keys if k.sha256 == PLACEHOLDER]
+        if waiting:
+            raise ConfigError(
+                f"serve.keys {', '.join(map(repr, waiting))}: the sha256 is still the example's placeholder, "
+                "which no key matches. Run `looped serve --hash-key`, type your key, and paste the digest it "
+                "prints in place of the zeros (or remove the key: with no keys the server is open)"
+            )
         self.clock = clock
         self._calls: dict[str, collections.deque] = {k.name: collections.deque() for k in self.keys}
         self._lock = threading.Lock()
@@ -48,7 +76,10 @@ class Keyring:
             raise APIError(
                 "this server needs an API key: send 'Authorization: Bearer KEY'", 401, code="invalid_api_key"
             )
-        digest = hash_key(authorization[len("Bearer ") :].strip())
+        token = authorization[len("Bearer ") :].strip()
+        if not token:
+            raise APIError("invalid API key", 401, code="invalid_api_key")
+        digest = hash_key(token)
         found = None
         for k in self.keys:  # compare with every key, in constant time, so timing tells nothing
             if hmac.compare_digest(k.sha256, digest):
@@ -85,3 +116,12 @@ class Keyring:
     def cap(self, key: Key | None, max_loops: int) -> int:
         """The most loops this caller may run per token (a budget or a tier cannot go past it)."""
         return min(max_loops, key.max_loops or max_loops) if key is not None else max_loops
+
+    def compute(self, key: Key | None, ask: Ask, max_loops: int) -> Compute:
+        """The compute `ask` runs with under this key: its cap as Compute.max_loops, and a tier's loops held
+        under the cap (a tier is a default; only loops the request asked for itself are refused above it)."""
+        cap = self.cap(key, max_loops)
+        compute = dataclasses.replace(ask.compute, max_loops=cap)
+        if compute.loops is not None and compute.loops > cap and "loops" not in ask.fields:
+            compute = dataclasses.replace(compute, loops=cap)
+        return compute

@@ -167,18 +167,31 @@ def chat_prompt(messages: Any) -> str:
             raise APIError(
                 f"messages[{i}] must be an object with role one of {', '.join(ROLES)}", param="messages"
             )
-        content = m.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(
-                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                for p in content
-            ):
-                raise APIError(f"messages[{i}].content: only text parts are supported", param="messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise APIError(f"messages[{i}].content must be a string", param="messages")
-        lines.append(f"{m['role'].capitalize()}: {content}")
+        lines.append(f"{m['role'].capitalize()}: {_content(m.get('content'), f'messages[{i}].content')}")
     return "\n".join(lines) + "\nAssistant:"
+
+
+def _content(content: Any, where: str) -> str:
+    """A message's text: a string, or OpenAI's list of parts, whose text parts are joined. A model that reads
+    only text refuses other parts (images, audio) rather than answer as if it had seen them."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise APIError(
+            f'{where} must be a string or a list of {{"type": "text", "text": ...}} parts', param="messages"
+        )
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise APIError(
+                f"{where}[{j}] is a part of type {json.dumps(kind)}: this model reads only text parts",
+                param="messages",
+            )
+        if not isinstance(part.get("text"), str):
+            raise APIError(f"{where}[{j}].text must be a string", param="messages")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _exit(value: Any) -> str | None:
@@ -197,7 +210,12 @@ def _exit(value: Any) -> str | None:
 
 
 def parse_request(kind: str, body: dict, cfg: ServeConfig, model_name: str, defaults: SamplingParams) -> Ask:
-    """Check a /v1/completions (kind "completion") or /v1/chat/completions ("chat") body."""
+    """Check a /v1/completions (kind "completion") or /v1/chat/completions ("chat") body.
+
+    Raises:
+        APIError: the first problem found, in the order: fields, model, prompt, unsupported options,
+            sampling, compute.
+    """
     unknown = sorted(set(body) - FIELDS[kind])
     if unknown:
         raise APIError(f"unknown field '{unknown[0]}'", param=unknown[0])
@@ -212,13 +230,31 @@ def parse_request(kind: str, body: dict, cfg: ServeConfig, model_name: str, defa
         )
     if kind == "completion":
         prompts = _prompts(body)
-        for name, off in (("echo", False), ("suffix", None), ("best_of", 1)):
-            if body.get(name) not in (None, off):
-                raise APIError(f"'{name}' is not supported", param=name)
+    elif "prompt" in body:
+        raise APIError("chat completions take 'messages', not 'prompt'", param="prompt")
     else:
-        if "prompt" in body:
-            raise APIError("chat completions take 'messages', not 'prompt'", param="prompt")
         prompts = [chat_prompt(body.get("messages"))]
+    _refuse_unsupported(body)
+    sampling = _sampling(kind, body, cfg, defaults)
+    tier, compute, asked = _compute(body, cfg)
+    return Ask(
+        kind=kind,
+        model=model,
+        prompts=prompts,
+        sampling=sampling,
+        compute=compute,
+        tier=tier,
+        stream=bool(body.get("stream", False)),
+        loops_per_token=bool(body.get("loops_per_token", False)),
+        fields=asked,
+    )
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """A 400 for the OpenAI options this server does not implement, and for flags that are not booleans."""
+    for name, off in (("echo", False), ("suffix", None), ("best_of", 1)):
+        if body.get(name) not in (None, off):
+            raise APIError(f"'{name}' is not supported", param=name)
     if _number(body, "n", lo=1, integer=True) not in (None, 1):
         raise APIError("'n' > 1 is not supported; send several prompts instead", param="n")
     if body.get("logprobs") not in (None, False, 0):
@@ -229,10 +265,12 @@ def parse_request(kind: str, body: dict, cfg: ServeConfig, model_name: str, defa
     for name in ("stream", "loops_per_token"):
         if body.get(name) is not None and not isinstance(body[name], bool):
             raise APIError(f"'{name}' must be true or false", param=name)
+
+
+def _sampling(kind: str, body: dict, cfg: ServeConfig, defaults: SamplingParams) -> SamplingParams:
+    """How to sample: the request's fields over the checkpoint's `defaults`, max_tokens under the server's cap."""
     tokens_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, tokens_name, lo=0, integer=True)
-    if max_tokens is None:
-        max_tokens = cfg.default_max_tokens
+    max_tokens = _pick(_number(body, tokens_name, lo=0, integer=True), cfg.default_max_tokens)
     if max_tokens > cfg.max_tokens:
         raise APIError(
             f"'{tokens_name}' = {max_tokens} is over this server's cap of {cfg.max_tokens}", param=tokens_name
@@ -245,9 +283,9 @@ def parse_request(kind: str, body: dict, cfg: ServeConfig, model_name: str, defa
     ):
         raise APIError("'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
     stop = list(stop or [])
-    if kind == "chat":
+    if kind == "chat":  # the reply ends where the model starts the next turn
         stop += ["\nUser:", "\nSystem:"]
-    sampling = SamplingParams(
+    return SamplingParams(
         max_new_tokens=max_tokens,
         temperature=_pick(_number(body, "temperature", lo=0, hi=2), defaults.temperature),
         top_k=_pick(_number(body, "top_k", lo=1, integer=True), defaults.top_k),
@@ -258,26 +296,26 @@ def parse_request(kind: str, body: dict, cfg: ServeConfig, model_name: str, defa
         stop=stop,
         seed=_pick(_number(body, "seed", integer=True), 0),
     )
+
+
+BUDGETS = ("loops", "max_ms_per_token", "max_flops_per_token")
+
+
+def _compute(body: dict, cfg: ServeConfig) -> tuple[str | None, Compute, dict[str, Any]]:
+    """(tier, compute, the compute fields the request gave): the request's fields over its tier's. A tier
+    applies when named, or as serve.default_tier when the request names no loops, budget or tier."""
     tier = body.get("compute")
     if tier is None:
-        tier = (
-            cfg.default_tier
-            if not any(body.get(k) is not None for k in ("loops", "max_ms_per_token", "max_flops_per_token"))
-            else None
-        )
+        tier = None if any(body.get(k) is not None for k in BUDGETS) else cfg.default_tier
     elif not isinstance(tier, str) or tier not in cfg.tiers:
         raise APIError(
             f"'compute' must be one of {', '.join(map(repr, cfg.tiers))}, got {json.dumps(tier)}",
             param="compute",
         )
     spec = dict(cfg.tiers[tier]) if tier else {}
-    asked = {
-        k: body[k]
-        for k in ("loops", "exit", "min_loops", "max_ms_per_token", "max_flops_per_token")
-        if body.get(k) is not None
-    }
-    if {"loops", "max_ms_per_token", "max_flops_per_token"} & set(asked):  # the request's own budget wins
-        for k in ("loops", "max_ms_per_token", "max_flops_per_token"):
+    asked = {k: body[k] for k in ("exit", "min_loops", *BUDGETS) if body.get(k) is not None}
+    if set(BUDGETS) & set(asked):  # the request's own budget wins over the tier's
+        for k in BUDGETS:
             spec.pop(k, None)
     spec.update(asked)
     compute = Compute(
@@ -287,16 +325,29 @@ def parse_request(kind: str, body: dict, cfg: ServeConfig, model_name: str, defa
         max_ms_per_token=_number(spec, "max_ms_per_token", lo=0, strict_lo=True),
         max_flops_per_token=_number(spec, "max_flops_per_token", lo=0, strict_lo=True),
     )
-    return Ask(
-        kind=kind,
-        model=model,
-        prompts=prompts,
-        sampling=sampling,
-        compute=compute,
-        tier=tier,
-        stream=bool(body.get("stream", False)),
-        loops_per_token=bool(body.get("loops_per_token", False)),
-        fields=asked,
+    return tier, compute, asked
+
+
+def check_min_loops(ask: Ask, loops: int, cap: int) -> None:
+    """Refuse a request whose own `min_loops` is over the `loops` it runs per token, as the engine resolved
+    them under the caller's loop `cap` (the engine would quietly lower it). A tier's min_loops is a default
+    and is lowered without complaint, like a tier's loops under a key's cap."""
+    asked = ask.fields.get("min_loops")
+    if not isinstance(asked, int) or asked <= loops:
+        return
+    if "loops" in ask.fields:
+        source = "its 'loops'"
+    elif loops == cap:
+        source = f"the loop cap of {cap} for this caller"
+    elif ask.compute.loops is not None:
+        source = f"tier '{ask.tier}'"
+    elif ask.compute.max_flops_per_token is not None:
+        source = "the most that fit its 'max_flops_per_token'"
+    else:
+        source = "the model's default loops"
+    raise APIError(
+        f"'min_loops' = {asked} is more than the {loops} loops per token this request runs ({source})",
+        param="min_loops",
     )
 
 
