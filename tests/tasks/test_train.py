@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -47,7 +48,8 @@ def test_tiny_model_learns_small_prefix_sums(tmp_path):
     assert not saved.cfg.causal and saved.cfg.vocab_size == 2
     assert evaluate_task(saved, "prefix_sums", [6], [6], n=128) == {6: {6: table[6][6]}}
     # a curriculum step starts from those weights: its first logged loss is the trained model's
-    more = load_config(["debug"], [*SETS, "train.steps=1", f"train.init_from={tmp_path / 'run' / 'final'}"])
+    init = f"train.init_from={tmp_path / 'run' / 'final'}"
+    more = load_config(["debug"], [*SETS, "train.steps=1", init, f"train.out={tmp_path / 'more'}"])
     _, again = train_task(more, "prefix_sums", 6, say=lambda m: None)
     assert again[0]["loss"] < 0.2
 
@@ -72,7 +74,14 @@ def test_curriculum_from_prefix_sums_to_parity_grows_the_vocabulary(tmp_path):
     cfg = load_config(["debug"], [*SETS, "train.steps=2", f"train.out={src}"])
     ps, _ = train_task(cfg, "prefix_sums", 4, say=lambda m: None)
     more = load_config(
-        ["debug"], [*SETS, "train.steps=1", "optim.lr=1e-12", f"train.init_from={src / 'final'}"]
+        ["debug"],
+        [
+            *SETS,
+            "train.steps=1",
+            "optim.lr=1e-12",
+            f"train.init_from={src / 'final'}",
+            f"train.out={tmp_path / 'par'}",
+        ],
     )
     par, _ = train_task(more, "parity", (2, 6), say=lambda m: None)
     assert par.embed.weight.shape[0] == 4 and ps.embed.weight.shape[0] == 2
@@ -137,3 +146,184 @@ def test_a_curriculum_trains_stage_after_stage(tmp_path):
     assert second.loops.mean_loops == 2 * cfg.loops.mean_loops  # μ grows with the size
     assert json.loads((out / "final" / "run.json").read_text())["train_size"] == 8
     assert any("stage 2/2" in line for line in lines)
+
+
+def small_task_config(out, *sets: str):
+    """prefix sums at width 32, 10 steps, a checkpoint every 4: a task run of about a second."""
+    base = ["model.width=32", "model.n_heads=2", "loops.mean_loops=3", "loops.backprop_loops=2"]
+    base += ["optim.lr=3e-3", "optim.warmup_steps=2", "train.steps=10", "train.global_batch=8"]
+    base += ["train.checkpoint_every=4", "train.keep_checkpoints=5", f"train.out={out}"]
+    return load_config(["debug"], [*base, *sets])
+
+
+def weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The log and final weights of a task run that nothing interrupts."""
+    out = tmp_path_factory.mktemp("task-full") / "run"
+    _, log = train_task(small_task_config(out), "prefix_sums", 4, say=lambda m: None)
+    return log, weights(out / "final")
+
+
+def stop_at_call(monkeypatch, n: int, action) -> dict[str, int]:
+    """Make the n-th micro-batch forward (1-based) run `action` first: a kill or a signal. Returns the
+    count of forwards so far, {"n": ...}."""
+    from looped.train import step as train_step
+
+    real, calls = train_step._forward_loss, {"n": 0}
+
+    def forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            action()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_step, "_forward_loss", forward)
+    return calls
+
+
+def kill() -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("how", ["killed", "sigterm"])
+def test_task_training_stopped_midway_resumes_to_the_same_result(tmp_path, monkeypatch, uninterrupted, how):
+    """Killed in step 7 (resumes from the step-4 checkpoint), or sent SIGTERM in step 6 (checkpoints step 6
+    and stops); either way --resume finishes with the log and weights of the run nobody stopped."""
+    import signal
+
+    from looped.config import ConfigError
+    from looped.train.state import TrainingStopped, checkpoints
+
+    out = tmp_path / "run"
+    cfg = small_task_config(out)
+    if how == "killed":
+        stop_at_call(monkeypatch, 7, kill)
+        with pytest.raises(KeyboardInterrupt):
+            train_task(cfg, "prefix_sums", 4, say=lambda m: None)
+        assert [p.name for p in checkpoints(out)] == ["step_0000004", "step_0000000"]
+    else:
+        stop_at_call(monkeypatch, 6, lambda: signal.raise_signal(signal.SIGTERM))
+        with pytest.raises(TrainingStopped, match="stopped at step 6"):
+            train_task(cfg, "prefix_sums", 4, say=lambda m: None)
+        assert [p.name for p in checkpoints(out)] == ["step_0000006", "step_0000004", "step_0000000"]
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    assert not (out / "final").exists()
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="--resume"):
+        train_task(cfg, "prefix_sums", 4, say=lambda m: None)
+    lines = []
+    _, log = train_task(cfg, "prefix_sums", 4, say=lines.append, resume=True)
+    assert any("resumed from" in line for line in lines)
+    full_log, full_weights = uninterrupted
+
+    def drop_time(records):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+    assert drop_time(log) == drop_time(full_log)  # every step 0..9, the same losses and scores
+    assert [r["step"] for r in log] == list(range(10))
+    resumed = weights(out / "final")
+    assert resumed.keys() == full_weights.keys()
+    for name, tensor in full_weights.items():
+        assert torch.equal(resumed[name], tensor), name
+    # resuming a finished run changes nothing and gives the same log back
+    _, again = train_task(cfg, "prefix_sums", 4, say=lambda m: None, resume=True)
+    assert drop_time(again) == drop_time(full_log)
+
+
+def test_task_resume_refuses_another_tasks_run(tmp_path):
+    from looped.config import ConfigError
+
+    cfg = small_task_config(tmp_path / "run", "train.steps=1")
+    train_task(cfg, "prefix_sums", 4, say=lambda m: None)
+    with pytest.raises(ConfigError, match="task prefix_sums, not parity"):
+        train_task(cfg, "parity", 4, say=lambda m: None, resume=True)
+
+
+def test_task_non_finite_steps_roll_back_then_give_up(tmp_path, monkeypatch):
+    """As in `looped train`: NaN losses skip steps, max_bad_steps in a row roll back to the last checkpoint
+    at a lower rate, and a run that keeps diverging stops with TrainingError."""
+    from looped.train import step as train_step
+    from looped.train.state import TrainingError
+
+    real, calls = train_step._forward_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        if 6 <= calls["n"] <= 8:  # steps 5, 6 and 7 (0-based) give NaN
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_step, "_forward_loss", poisoned)
+    lines = []
+    cfg = small_task_config(tmp_path / "run", "train.max_bad_steps=3")
+    model, log = train_task(cfg, "prefix_sums", 4, say=lines.append)
+    assert sum("non-finite loss; step skipped" in line for line in lines) == 3
+    assert any("rolled back to step 4 with the learning rate × 0.5" in line for line in lines)
+    assert [r["step"] for r in log] == list(range(10))  # records after step 4 were redone, not doubled
+    assert all(math.isfinite(r["loss"]) for r in log)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    def always_nan(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_step, "_forward_loss", always_nan)
+    cfg = small_task_config(tmp_path / "diverges", "train.max_bad_steps=2", "train.max_rollbacks=1")
+    with pytest.raises(TrainingError, match="diverges"):
+        train_task(cfg, "prefix_sums", 4, say=lambda m: None)
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+def test_task_training_honours_precision_and_device(tmp_path, monkeypatch):
+    from looped.train import step as train_step
+
+    real, seen = train_step._forward_loss, []
+
+    def spy(model, x, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), x.device.type))
+        return real(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(train_step, "_forward_loss", spy)
+    cfg = small_task_config(tmp_path / "bf16", "train.steps=2", "train.precision=bf16", "train.device=cpu")
+    train_task(cfg, "prefix_sums", 4, say=lambda m: None)
+    assert seen == [(True, "cpu")] * 2
+    seen.clear()
+    train_task(small_task_config(tmp_path / "fp32", "train.steps=1"), "prefix_sums", 4, say=lambda m: None)
+    assert seen == [(False, "cpu")]  # auto on a CPU: fp32
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            train_task(small_task_config(tmp_path / "gpu", "train.device=cuda"), "prefix_sums", 4)
+
+
+def test_a_killed_curriculum_resumes_stage_by_stage(tmp_path, monkeypatch):
+    """Killed in the second stage, a curriculum resumed keeps its finished first stage (restored from that
+    stage's last checkpoint, not retrained) and ends as the uninterrupted curriculum does."""
+    from looped.tasks.train import train_curriculum
+
+    stages = [(4, 4), (6, 6)]
+
+    def say(message: str) -> None:
+        pass
+
+    _, full = train_curriculum(
+        small_task_config(tmp_path / "full", "train.steps=4"), "prefix_sums", stages, say
+    )
+    cfg = small_task_config(tmp_path / "cur", "train.steps=4")
+    stop_at_call(monkeypatch, 7, kill)  # the third step of the second stage
+    with pytest.raises(KeyboardInterrupt):
+        train_curriculum(cfg, "prefix_sums", stages, say)
+    monkeypatch.undo()
+    calls = stop_at_call(monkeypatch, 1000, kill)  # only counts
+    _, log = train_curriculum(cfg, "prefix_sums", stages, say, resume=True)
+    assert calls["n"] == 4  # stage 2 from its step-0 checkpoint; stage 1 not retrained
+    assert log == [{**r, "seconds": log[i]["seconds"]} for i, r in enumerate(full)]
+    a, b = weights(tmp_path / "cur" / "final"), weights(tmp_path / "full" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

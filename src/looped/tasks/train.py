@@ -2,7 +2,9 @@
 
 Algorithmic tasks (`looped.tasks.generators`) train a LoopedLM encoder; the vision tasks a LoopedViT
 (`looped.tasks.vision`), and digit_names the two-stream model (`looped.tasks.multimodal`). One loop, `fit`,
-trains all of them.
+trains all of them, with the LM trainer's optimizer step (`looped.train.step`) and training state
+(`looped.train.state`): train.device and train.precision apply, a non-finite step is skipped and rolled back
+as in `looped train`, and periodic checkpoints let a killed run resume (`looped train --task ... --resume`).
 
 For the algorithmic tasks the model is the same LoopedLM as for text, made an encoder (model.causal = false; RoPE only, no absolute
 positions, so it can run on longer inputs than it saw) with a class per position. The input is re-injected
@@ -24,13 +26,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from looped.checkpoint import init_weights_from, save
+from looped.checkpoint import init_weights_from, read_run, save
 from looped.config import Config, ConfigError, from_dict
+from looped.distributed import Dist, resolve_device
 from looped.model import accounting
 from looped.model.lm import LoopedLM
 from looped.tasks.generators import TASKS, check_size, exact_match, get_task, solved
 from looped.train.optim import build_optimizers, lr_factor
 from looped.train.sampler import LoopSampler, step_seed
+from looped.train.state import (
+    TrainingStopped,
+    TrainState,
+    load_training,
+    resume_point,
+    roll_back,
+    save_training,
+)
+from looped.train.step import Stepper, StepResult, StopOnSignal, uses_bf16
 
 CONTEXT = 8192  # RoPE table length for task models: test sizes far beyond the training size must fit
 
@@ -72,17 +84,22 @@ def parse_stages(text: str) -> list[tuple[int, int]]:
 
 
 def train_curriculum(
-    cfg: Config, task: str, stages: list[tuple[int, int]], say: Callable[[str], None] = print
+    cfg: Config,
+    task: str,
+    stages: list[tuple[int, int]],
+    say: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> tuple[torch.nn.Module, list[dict]]:
     """Train through `stages` of problem sizes, train.steps steps each, every stage starting from the one
     before. The mean loop count grows with the size: stage k samples μ·HIₖ / HI₀ loops, so that a model
     that needs about a loop per position keeps getting enough. Each stage is saved under
     train.out/stage-K-size-HI/final (a killed curriculum keeps its finished stages), the last also as
-    train.out/final."""
+    train.out/final. With `resume`, each stage continues from its newest checkpoint: finished stages are
+    restored as they ended, the interrupted one goes on, later ones start afresh."""
     import tempfile
 
     if len(stages) == 1:
-        return train_task(cfg, task, stages[0], say)
+        return train_task(cfg, task, stages[0], say, resume=resume)
     out = Path(cfg.train.out) if cfg.train.out else Path(tempfile.mkdtemp(prefix="looped-curriculum-"))
     tree, init, logs = cfg.to_dict(), cfg.train.init_from, []
     mu, first = cfg.loops.mean_loops, stages[0][1]
@@ -91,7 +108,7 @@ def train_curriculum(
         tree["loops"]["mean_loops"] = mu * sizes[1] / first
         tree["train"].update(out=str(stage_dir), init_from=init)
         say(f"stage {k + 1}/{len(stages)}: sizes {sizes[0]}..{sizes[1]}, μ = {mu * sizes[1] / first:g}")
-        model, log = train_task(from_dict(tree), task, sizes, say)
+        model, log = train_task(from_dict(tree), task, sizes, say, resume=resume)
         logs += [{**rec, "stage": k} for rec in log]
         init = str(stage_dir / "final")
     if cfg.train.out:
@@ -119,14 +136,57 @@ def check_task(task: str) -> None:
 
 
 def train_task(
-    cfg: Config, task: str, size: int | tuple[int, int] | None = None, say: Callable[[str], None] = print
+    cfg: Config,
+    task: str,
+    size: int | tuple[int, int] | None = None,
+    say: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> tuple[torch.nn.Module, list[dict]]:
-    """Train a model for `task` for train.steps steps of train.global_batch examples; returns the model and
-    the logged records, and saves to train.out/final when train.out is set.
+    """Train a model for `task` for train.steps steps of train.global_batch examples; returns the model (on
+    the CPU, in eval mode) and the logged records, and saves to train.out/final when train.out is set.
 
     Algorithmic tasks train at problem size `size` (or a size drawn per step from the range (lo, hi)); the
     vision and multimodal tasks (`looped.tasks.vision`, `looped.tasks.multimodal`) have no size. A
-    non-looped model (core_layers = 0) trains too, as the baseline; its loop counts are ignored."""
+    non-looped model (core_layers = 0) trains too, as the baseline; its loop counts are ignored.
+
+    Training checkpoints go to train.out/checkpoints every train.checkpoint_every steps (a temporary
+    directory, removed at the end, when train.out is unset). With `resume`, training continues from the
+    newest intact one, and gives what an uninterrupted run gives; without it, a train.out that holds
+    checkpoints is refused.
+
+    Raises:
+        TrainingStopped: SIGINT or SIGTERM stopped the run after a checkpoint (resume continues it).
+        TrainingError: the loss stayed non-finite after train.max_rollbacks roll-backs.
+    """
+    import tempfile
+
+    model, cfg, draw, score, run = _task_model(cfg, task, size)
+    scratch = not cfg.train.out
+    run_dir = Path(tempfile.mkdtemp(prefix="looped-task-")) if scratch else Path(cfg.train.out)
+    try:
+        resume_from = resume_point(run_dir, resume, warn=say)
+        was = read_run(resume_from).get("task") if resume_from is not None else task
+        if was != task:
+            raise ConfigError(f"{run_dir} holds a run of task {was}, not {task}; pick another train.out")
+        if cfg.train.init_from and resume_from is None:  # a curriculum: a model trained at a smaller
+            init_weights_from(model, cfg.train.init_from, grow_vocab=True)  # size, or on another task
+            say(f"weights from {cfg.train.init_from}")
+        log = fit(model, cfg, draw, score, say, run_dir=run_dir, resume_from=resume_from, run=run)
+    finally:
+        if scratch:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    model.cpu()
+    if cfg.train.out:
+        save(model, run_dir / "final", cfg, **run)
+        (run_dir / "task_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    return model, log
+
+
+def _task_model(
+    cfg: Config, task: str, size: int | tuple[int, int] | None
+) -> tuple[torch.nn.Module, Config, Callable[[int, int], tuple], Callable, dict]:
+    """(model, config, draw(step, n), score(logits, targets), run.json fields) for `task`: a LoopedLM encoder
+    for an algorithmic task (the config made an encoder by `task_config`), a LoopedViT or a TwoStreamModel."""
     from looped.tasks import multimodal, vision
 
     check_task(task)
@@ -145,31 +205,21 @@ def train_task(
         def draw(step: int, n: int) -> tuple:
             return (*make("train", n, seed=step_seed(cfg.train.seed, step, stream=1)), "")
 
-        run = {"task": task, "model_class": type(model).__name__}
-    else:
-        t = get_task(task)
-        sizes = (32, 32) if size is None else (size, size) if isinstance(size, int) else tuple(size)
-        for s_ in sizes:
-            check_size(t, s_)
-        cfg = task_config(cfg, task)
-        torch.manual_seed(cfg.train.seed)
-        model = LoopedLM(cfg.model)
+        return model, cfg, draw, score, {"task": task, "model_class": type(model).__name__}
+    t = get_task(task)
+    sizes = (32, 32) if size is None else (size, size) if isinstance(size, int) else tuple(size)
+    for s_ in sizes:
+        check_size(t, s_)
+    cfg = task_config(cfg, task)
+    torch.manual_seed(cfg.train.seed)
 
-        def draw(step: int, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-            size = step_size(task, sizes, cfg.train.seed, step)
-            x, y = t.batch(n, size, seed=step_seed(cfg.train.seed, step, stream=1))
-            return x, y, f" at size {size}"
+    def draw_problems(step: int, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        size = step_size(task, sizes, cfg.train.seed, step)
+        x, y = t.batch(n, size, seed=step_seed(cfg.train.seed, step, stream=1))
+        return x, y, f" at size {size}"
 
-        score = exact_match
-        run = {"task": task, "train_size": sizes[1], "train_sizes": list(sizes)}
-    if cfg.train.init_from:  # a curriculum: the model trained at a smaller size, or on another task
-        init_weights_from(model, cfg.train.init_from, grow_vocab=True)
-        say(f"weights from {cfg.train.init_from}")
-    log = fit(model, cfg, draw, score, say)
-    if cfg.train.out:
-        save(model, Path(cfg.train.out) / "final", cfg, **run)
-        (Path(cfg.train.out) / "task_log.json").write_text(json.dumps(log, indent=1) + "\n")
-    return model, log
+    run = {"task": task, "train_size": sizes[1], "train_sizes": list(sizes)}
+    return LoopedLM(cfg.model), cfg, draw_problems, exact_match, run
 
 
 def fit(
@@ -178,45 +228,89 @@ def fit(
     draw: Callable[[int, int], tuple],
     score: Callable[[torch.Tensor, torch.Tensor], float],
     say: Callable[[str], None] = print,
+    *,
+    run_dir: Path,
+    resume_from: Path | None = None,
+    run: dict | None = None,
 ) -> list[dict]:
     """The task training loop: `draw(step, n)` gives (inputs, targets, a note for the log); a loop count per
     example from the [loops] sampler (for a looped model; one per stream for a model with `streams` = 2),
     gradients through the last k loops, the [optim] schedule, a record of loss and `score` twenty times a
-    run. Leaves the model in eval mode."""
-    looped = model.cfg.looped
-    model.train()
+    run. Each step is the LM trainer's (`looped.train.step.Stepper`): on train.device, in train.precision,
+    a non-finite step skipped and, train.max_bad_steps in a row, rolled back to the last checkpoint with a
+    lower rate. Checkpoints (with the log so far and `run` in run.json) go to run_dir/checkpoints at step
+    0, every train.checkpoint_every steps, at the end and when SIGINT/SIGTERM asks to stop (which then
+    raises TrainingStopped); `resume_from` continues from one. Leaves the model in eval mode."""
+    tc = cfg.train
+    d = Dist(device=resolve_device(tc))
+    model.to(d.device).train()
     opts = build_optimizers(model, cfg.optim)
-    samplers = [
-        LoopSampler(cfg.loops, cfg.train.seed + i, cfg.train.steps)
-        for i in range(getattr(model, "streams", 1))
-    ]
-    sampler = samplers[0]
-    n, steps = cfg.train.global_batch, cfg.train.steps
-    log, start = [], time.perf_counter()
-    for step in range(steps):
-        opts.set_lr(lr_factor(cfg.optim, step, steps))
-        x, y, note = draw(step, n)
-        loops = [s.draw(step, n) for s in samplers] if looped else None
-        if loops is not None and len(loops) == 1:
-            loops = loops[0]
-        out = model(x, labels=y, loops=loops, backprop_loops=sampler.backprop_loops)
-        if not torch.isfinite(out.loss):
-            raise ConfigError(f"task training: non-finite loss at step {step}; lower optim.lr")
-        out.loss.backward()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opts.step()
-        opts.zero_grad()
-        model.constrain_()
-        if step % max(1, steps // 20) == 0 or step == steps - 1:
-            with torch.no_grad():
-                right = score(out.logits, y)
-            rec = {"step": step, "loss": out.loss.item(), "score": right, "note": note.strip()}
-            rec["seconds"] = time.perf_counter() - start
-            log.append(rec)
-            say(f"step {step}: loss {rec['loss']:.4f}, right {right:.1%}{note}")
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    stepper = Stepper(model, model, opts, d, seed=tc.seed, clip=clip, bf16=uses_bf16(tc, d.device))
+    samplers = [LoopSampler(cfg.loops, tc.seed + i, tc.steps) for i in range(getattr(model, "streams", 1))]
+    k = samplers[0].backprop_loops
+    log: list[dict] = []
+
+    def checkpoint(state: TrainState) -> None:
+        save_training(run_dir, state, model, opts, cfg, d, tc.keep_checkpoints, extra={"log": log}, run=run)
+
+    def restore(path: Path) -> TrainState:
+        state, record = load_training(path, model, opts)
+        log[:] = record["log"]
+        return state
+
+    if resume_from is None:
+        state = TrainState()
+        checkpoint(state)  # a roll-back target before the first periodic checkpoint
+    else:
+        state = restore(resume_from)
+        say(f"resumed from {resume_from} at step {state.step}")
+    bad_in_row, every = 0, max(1, tc.steps // 20)
+    with StopOnSignal() as stop:
+        while state.step < tc.steps:
+            t0 = time.perf_counter()
+            opts.set_lr(lr_factor(cfg.optim, state.step, tc.steps) * state.lr_scale)
+            x, y, note = draw(state.step, tc.global_batch)
+            loops = _draw_loops(samplers, state.step, tc.global_batch) if model.cfg.looped else None
+            out = stepper.step(state.step, [(x, y, loops)], k)
+            state.seconds += time.perf_counter() - t0
+            if out.finite:
+                bad_in_row = 0
+            else:
+                state.skipped, bad_in_row = state.skipped + 1, bad_in_row + 1
+                say(f"step {state.step}: non-finite loss; step skipped")
+                if bad_in_row >= tc.max_bad_steps:
+                    state, bad_in_row = roll_back(run_dir, state, tc, restore, say), 0
+                    continue
+            if state.step % every == 0 or state.step == tc.steps - 1:
+                log.append(_task_record(state, out, score(out.output.logits.detach().float().cpu(), y), note))
+                say(f"step {state.step}: loss {out.loss:.4f}, right {log[-1]['score']:.1%}{note}")
+            state.step += 1
+            state.tokens += tc.global_batch
+            if state.step % tc.checkpoint_every == 0 or state.step == tc.steps or stop.requested:
+                checkpoint(state)
+            if stop.requested:
+                raise TrainingStopped(
+                    f"stopped at step {state.step}; the checkpoint in {run_dir} continues with --resume"
+                )
     model.eval()
     return log
+
+
+def _draw_loops(samplers: list[LoopSampler], step: int, n: int) -> torch.Tensor | list[torch.Tensor]:
+    """(n,) loop counts at `step`; a list of them, one per stream, for a two-stream model."""
+    loops = [s.draw(step, n) for s in samplers]
+    return loops[0] if len(loops) == 1 else loops
+
+
+def _task_record(state: TrainState, out: StepResult, right: float, note: str) -> dict:
+    return {
+        "step": state.step,
+        "loss": out.loss,
+        "score": right,
+        "note": note.strip(),
+        "seconds": state.seconds,
+    }
 
 
 @torch.no_grad()
@@ -232,11 +326,12 @@ def evaluate_task(
 ) -> dict[int, dict[int, float]]:
     """Whole-problem exact match (every asked position right) at each size and loop count:
     {size: {loops: accuracy}}. Test problems come from another seed than training's. `progress` shows a
-    bar on stderr, in units of loops × positions (the work grows with both)."""
+    bar on stderr, in units of loops × positions (the work grows with both). Runs where the model is."""
     from tqdm.auto import tqdm
 
     t = get_task(task)
     model.eval()
+    device = next(model.parameters()).device
     problems = {size: t.batch(n, size, seed=seed) for size in sizes}
     for size, (x, _) in problems.items():
         if x.shape[1] > model.cfg.max_seq_len:
@@ -253,7 +348,7 @@ def evaluate_task(
             for loops_t in loops:
                 right = 0
                 for i in range(0, n, batch):
-                    logits = model(x[i : i + batch], loops=loops_t).logits
+                    logits = model(x[i : i + batch].to(device), loops=loops_t).logits.cpu()
                     right += int(solved(logits, y[i : i + batch]).sum())
                 table[size][loops_t] = right / n
                 bar.update(x.shape[1] * loops_t)

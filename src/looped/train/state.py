@@ -36,6 +36,11 @@ TRAINER, OPTIMIZER = "trainer.json", "optimizer.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
+class TrainingStopped(TrainingError):
+    """SIGINT or SIGTERM stopped a run that returns no result (task training) after it saved a checkpoint;
+    the message names it, and resuming continues from it."""
+
+
 @dataclass
 class TrainState:
     """The counters a run carries from step to step; trainer.json stores them with every checkpoint."""
