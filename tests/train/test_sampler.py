@@ -57,14 +57,35 @@ def test_per_batch_gives_one_depth_per_step():
     assert len(set(t[:, 0].tolist())) > 3
 
 
+# μ over a 100-step run with mean_loops = 9 and curriculum_fraction = 0.5 (a 50-step ramp), by hand from the
+# documented shapes at p = step / 50: linear 1 + 8p; sqrt 1 + 8(1 − √(1 − p)), where steps 18, 32 and 48
+# give 1 − p = 0.64, 0.36 and 0.04, whose square roots are 0.8, 0.6 and 0.2.
+CURRICULUM = {
+    "linear": {0: 1.0, 10: 2.6, 18: 3.88, 25: 5.0, 32: 6.12, 48: 8.68, 50: 9.0, 99: 9.0},
+    "sqrt": {0: 1.0, 18: 2.6, 32: 4.2, 48: 7.4, 50: 9.0, 99: 9.0},
+}
+
+
 @pytest.mark.parametrize("kind", ["linear", "sqrt"])
 def test_curriculum_ramps_from_one_to_mu(kind):
     s = LoopSampler(LoopsConfig(mean_loops=9, curriculum=kind, curriculum_fraction=0.5), 0, total_steps=100)
+    for step, mu in CURRICULUM[kind].items():
+        assert s.mean_at(step) == pytest.approx(mu, abs=1e-9), (kind, step)
     means = [s.mean_at(step) for step in range(100)]
-    assert means[0] == 1 and means[50] == 9 and means[99] == 9
     assert all(b >= a for a, b in zip(means, means[1:], strict=False))
-    halfway = means[25]
-    assert halfway == pytest.approx(5.0 if kind == "linear" else 1 + 8 * (1 - math.sqrt(0.5)))
+    # the draws follow the ramp: a fixed sampler draws round(μ) at each step
+    fixed = LoopSampler(
+        LoopsConfig(sampler="fixed", mean_loops=9, curriculum=kind, curriculum_fraction=0.5),
+        0,
+        total_steps=100,
+    )
+    for step, mu in CURRICULUM[kind].items():
+        assert torch.all(fixed.draw(step, 4) == round(mu)), (kind, step)
+
+
+def test_no_curriculum_keeps_mu():
+    s = LoopSampler(LoopsConfig(mean_loops=9, curriculum="none", curriculum_fraction=0.5), 0, total_steps=100)
+    assert [s.mean_at(step) for step in (0, 10, 99)] == [9, 9, 9]
 
 
 def test_backprop_depth_default_is_half_the_mean():

@@ -8,11 +8,14 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import losses, train_config, write_corpus
 
 from looped import load
+from looped.checkpoint import load_config_dir
 from looped.config import ConfigError
 from looped.data import DataError
+from looped.data.loader import TokenData, val_windows
 from looped.data.prepare import prepare
 from looped.train import state as ckpt
 from looped.train import step as train_step
@@ -26,8 +29,19 @@ def data(tmp_path_factory):
     return root / "tokens"
 
 
+def recomputed_val_loss(checkpoint, data, loops: int) -> float:
+    """Mean next-token loss of a saved model on the run's validation windows, by plain cross-entropy."""
+    cfg = load_config_dir(checkpoint)
+    windows = val_windows(TokenData.open(data), cfg.data.seq_len, cfg.eval.max_windows)  # (N, S + 1)
+    with torch.no_grad():
+        logits = load(checkpoint)(windows[:, :-1], loops=loops).logits
+    return F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+
+
 def test_loss_falls_and_run_dir_is_complete(data, tmp_path):
-    cfg = train_config(data, tmp_path / "run", train={"steps": 30, "checkpoint_every": 10}, eval={"every": 0})
+    cfg = train_config(
+        data, tmp_path / "run", train={"steps": 30, "checkpoint_every": 10}, eval={"every": 20}
+    )
     result = train(cfg)
     curve = losses(tmp_path / "run")
     assert len(curve) == 30
@@ -43,6 +57,12 @@ def test_loss_falls_and_run_dir_is_complete(data, tmp_path):
     kept = [p.name for p in ckpt.checkpoints(tmp_path / "run")]
     assert kept == ["step_0000030", "step_0000020", "step_0000010"]
     assert "done: 30 steps" in result.summary()
+    records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    logged = {r["step"]: r["val_loss"] for r in map(json.loads, records) if "val_loss" in r}
+    assert sorted(logged) == [20, 30] and logged[30] == {str(t): v for t, v in result.eval.items()}
+    for step, where in ((20, tmp_path / "run" / "checkpoints" / "step_0000020"), (30, result.final)):
+        for t in (1, 2):
+            assert logged[step][str(t)] == pytest.approx(recomputed_val_loss(where, data, t), abs=1e-5)
 
 
 def test_kill_and_resume_equals_uninterrupted_run(data, tmp_path, monkeypatch):
