@@ -19,10 +19,8 @@ results.jsonl — one record per run and evaluated loop count, the input of `loo
 
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import shlex
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from looped.config import Config, ConfigError, load_config, to_toml
+from looped.science.workers import WorkerExit, run_jobs
 
 RESULTS = "results.jsonl"
 SWEEP_KEYS = {"base", "set", "out", "seeds", "eval_loops", "eval_windows", "parallel"}
@@ -172,8 +171,8 @@ def run_one(
     from looped.checkpoint import load
     from looped.config import from_dict
     from looped.data.loader import TokenData, val_windows
-    from looped.model import accounting
     from looped.eval import loss_by_loops
+    from looped.model import accounting
     from looped.train.trainer import train
 
     cfg = from_dict(cfg_tree)
@@ -245,36 +244,32 @@ def execute(
     """Train and evaluate (name, config, extra record fields) jobs, `parallel` at once in worker processes;
     append each finished run's records to `results` as it finishes and return them all. A failed or
     interrupted run is reported and left out, to be resumed by the next call. `worker` (a module-level
-    function with run_one's arguments) replaces run_one."""
+    function with run_one's arguments) replaces run_one.
+
+    SIGINT or SIGTERM stops the workers with this process: each run in progress saves a checkpoint, and
+    `looped.science.workers.Stopped` is raised once they have all exited (see that module)."""
     if not jobs:
         return []
     threads = max(1, (os.cpu_count() or 1) // parallel)
-    ctx = multiprocessing.get_context("spawn")
+    calls = [(cfg.to_dict(), name, extra, eval_loops, eval_windows, threads) for name, cfg, extra in jobs]
     out: list[dict] = []
-    with concurrent.futures.ProcessPoolExecutor(min(parallel, len(jobs)), mp_context=ctx) as pool:
-        futures = {
-            pool.submit(
-                worker or run_one, cfg.to_dict(), name, extra, eval_loops, eval_windows, threads
-            ): name
-            for name, cfg, extra in jobs
-        }
-        for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            name = futures[future]
-            try:
-                records = future.result()
-            except Exception as e:  # one failed run does not stop the others; it is rerun next time
-                say(f"[{n}/{len(jobs)}] {name}: failed: {type(e).__name__}: {e}")
-                continue
-            if not records:
-                say(f"[{n}/{len(jobs)}] {name}: interrupted; run again to resume it")
-                continue
-            with results.open("a") as f:
-                for r in records:
-                    f.write(json.dumps(r) + "\n")
-            out += records
-            best = min(records, key=lambda r: r["loss"])
-            where = f" at {best['loops']} loops" if "loops" in best else ""
-            say(f"[{n}/{len(jobs)}] {name}: loss {best['loss']:.4f}{where}")
+    for n, (i, records) in enumerate(run_jobs(worker or run_one, calls, min(parallel, len(jobs))), 1):
+        where = f"[{n}/{len(jobs)}] {jobs[i][0]}"
+        if records == [] or (isinstance(records, WorkerExit) and records.interrupted):
+            say(f"{where}: interrupted; run again to resume it")
+            continue
+        if isinstance(
+            records, BaseException
+        ):  # one failed run does not stop the others; it is rerun next time
+            say(f"{where}: failed: {type(records).__name__}: {records}")
+            continue
+        with results.open("a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        out += records
+        best = min(records, key=lambda r: r["loss"])
+        at = f" at {best['loops']} loops" if "loops" in best else ""
+        say(f"{where}: loss {best['loss']:.4f}{at}")
     return out
 
 
