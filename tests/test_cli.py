@@ -427,18 +427,34 @@ def test_train_task_flags_without_a_task_are_refused(capsys, tmp_path, extra, fl
     assert not any(tmp_path.iterdir())  # nothing was trained
 
 
-def test_train_task_resume(capsys, tmp_path):
-    """--task --resume: wired through where task training can resume, refused (before training) otherwise."""
-    from looped.tasks.train import train_task
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ([], [("train_task", None, False)]),
+        (["--resume"], [("train_task", None, True)]),
+        (["--size", "8,16", "--resume"], [("train_curriculum", [(8, 8), (16, 16)], True)]),
+    ],
+)
+def test_train_task_resume_is_passed_on(capsys, monkeypatch, tmp_path, extra, expected):
+    """--task [--size …] --resume reaches the task trainer (tests/tasks checks that it resumes)."""
+    import looped.tasks.train as task_train
 
-    if "resume" in inspect.signature(train_task).parameters:
-        pytest.skip("task training resumes: tests/tasks cover --task --resume")
-    code, out, err = run(
-        capsys, "train", "--preset", "debug", "--task", "parity", "--resume", "--set", f"train.out={tmp_path}"
-    )
-    assert code == 2 and out == ""
-    assert "--resume is not supported with --task" in err
-    assert not any(tmp_path.iterdir())
+    calls = []
+
+    def fake(name):
+        def trainer(cfg, task, size, say=print, resume=False):
+            calls.append((name, size, resume))
+            return None, []
+
+        return trainer
+
+    monkeypatch.setattr(task_train, "train_task", fake("train_task"))
+    monkeypatch.setattr(task_train, "train_curriculum", fake("train_curriculum"))
+    monkeypatch.setattr(task_train, "after_training", lambda *args: "accuracy table")
+    argv = ["train", "--preset", "debug", "--task", "parity", "--set", f"train.out={tmp_path}", *extra]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert calls == expected and "accuracy table" in out
 
 
 @pytest.mark.parametrize(

@@ -149,24 +149,18 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _train_task(args: argparse.Namespace) -> None:
-    import inspect
-
     from looped.config import load_config
     from looped.tasks.train import after_training, baseline_config, parse_stages, train_curriculum, train_task
 
-    run = train_task if args.size is None else train_curriculum
-    resume = {"resume": True} if args.resume else {}
-    if resume and "resume" not in inspect.signature(run).parameters:
-        raise ValueError("--resume is not supported with --task yet: train again into a new train.out")
     cfg = load_config(args.files, args.set)
     if args.baseline:
         cfg = baseline_config(cfg)
     if args.size is None:
-        model, _ = train_task(cfg, args.task, None, **resume)
+        model, _ = train_task(cfg, args.task, None, resume=args.resume)
         size, mu = None, max(1, round(cfg.loops.mean_loops))
     else:
         stages = parse_stages(args.size)
-        model, _ = train_curriculum(cfg, args.task, stages, **resume)
+        model, _ = train_curriculum(cfg, args.task, stages, resume=args.resume)
         size = stages[-1][1]  # μ grows with the problem size, as the curriculum scaled it
         mu = max(1, round(cfg.loops.mean_loops * size / stages[0][1]))
     print(after_training(model, args.task, size, mu))
