@@ -148,6 +148,18 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
     }
 
 
+def batch_size_metrics(text: str) -> dict[str, float]:
+    """The count and sum of the server's batch-size histogram, read with prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("looped_batch_size_count", "looped_batch_size_sum"):
+                out[sample.name] = sample.value
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default="runs/demo/final")
@@ -175,11 +187,7 @@ def main() -> None:
             )
             busy1, own1 = cpu_seconds()
             rows[label]["machine_cpu_s"] = busy1 - busy0
-            rows[label]["metrics_batch"] = [
-                line
-                for line in httpx.get(url + "/metrics").text.splitlines()
-                if line.startswith("looped_batch_size_")
-            ][-2:]
+            rows[label]["metrics_batch"] = batch_size_metrics(httpx.get(url + "/metrics").text)
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -334,3 +334,17 @@ def test_cli_export_hf(tmp_path, tokenizer, capsys):
         torch.testing.assert_close(model(x).logits, native(x, loops=3).logits, rtol=0, atol=1e-5)
     assert main(["export", "hf", str(tmp_path / "missing"), str(tmp_path / "o2")]) == 2
     assert "not a looped checkpoint" in capsys.readouterr().err
+
+
+def test_export_in_bfloat16(tmp_path, tokenizer):
+    native, ckpt = make_checkpoint(tmp_path, tokenizer)
+    out = export_hf(ckpt, tmp_path / "bf16", dtype="bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
+    assert model.model.embed.weight.dtype == torch.bfloat16
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        got, want = model(x, num_loops=2).logits, native(x, loops=2).logits
+    assert got.dtype == torch.float32  # the head's logits are float32 in every precision
+    assert (got - want).abs().max() < 0.05 * want.abs().max()  # bf16 rounding, not another model
+    with pytest.raises(ValueError, match="unknown dtype"):
+        export_hf(ckpt, tmp_path / "bad", dtype="float8")

@@ -1,5 +1,6 @@
-"""The data package's one exception, `DataError`, whose message names the file, line or shard at fault."""
+"""The data package's one exception, `DataError` (defined in `looped.errors`, where the CLI catches it); its
+message names the file, line or shard at fault."""
 
+from looped.errors import DataError
 
-class DataError(ValueError):
-    """Data that cannot be read, prepared or loaded; the message says where and, when it can, what to do."""
+__all__ = ["DataError"]

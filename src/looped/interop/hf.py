@@ -57,6 +57,7 @@ from looped.config import ConfigError, ModelConfig
 from looped.data.errors import DataError
 from looped.data.tokenizer import EOT, Tokenizer
 from looped.infer.cache import KV_MODES, KVCache
+from looped.infer.engine import resolve_device, resolve_dtype
 from looped.infer.forward import forward_cached
 from looped.model.layers import rope_table
 from looped.model.lm import LoopedLM
@@ -410,7 +411,13 @@ def _shifted_loss(
 
 
 # ---------------------------------------------------------------------- export
-def export_hf(checkpoint: str | Path, out: str | Path, num_loops: int | None = None) -> Path:
+def export_hf(
+    checkpoint: str | Path,
+    out: str | Path,
+    num_loops: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> Path:
     """Write a native checkpoint as a Hugging Face folder that `from_pretrained` loads.
 
     The folder holds config.json (`model_type = "looped"`, the model config, `num_loops`, `auto_map`),
@@ -425,6 +432,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, num_loops: int | None = N
         out: The folder to write.
         num_loops: The default loop count of the exported model (`config.num_loops`); None keeps the
             checkpoint's `model.loops`. Callers still choose per call with `num_loops=`.
+        device: Where the weights are loaded while converting ("auto", "cpu", "cuda"); None: the CPU.
+        dtype: The dtype of the written weights ("float32" or "bfloat16"); None keeps float32.
 
     Returns:
         The path of the written folder.
@@ -450,7 +459,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, num_loops: int | None = N
         )
     if num_loops is not None and num_loops < 1:
         raise ValueError(f"num_loops must be ≥ 1, got {num_loops}")
-    model = LoopedForCausalLM.from_native(load(checkpoint), num_loops=num_loops)
+    native = load(checkpoint, device=resolve_device(device or "cpu"), dtype=resolve_dtype(dtype or "float32"))
+    model = LoopedForCausalLM.from_native(native.cpu(), num_loops=num_loops)
     model.config.auto_map = {
         "AutoConfig": f"{SHIM[:-3]}.LoopedHFConfig",
         "AutoModelForCausalLM": f"{SHIM[:-3]}.LoopedForCausalLM",

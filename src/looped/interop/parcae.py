@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from looped.checkpoint import CheckpointError, load_weights, save
 from looped.config import Config, ConfigError, ModelConfig
+from looped.errors import ConversionError
 from looped.model.layers import rope_table
 from looped.model.lm import LoopedLM
 
@@ -61,10 +62,6 @@ IGNORED = {"freqs_cis"}
 PARCAE_RELU2_SCALE = (
     0.5  # measured against the parcae-tiny fixture: Parcae's MLP computes proj(0.5·relu(fc x)²)
 )
-
-
-class ConversionError(ValueError):
-    """A Parcae config or state dict that does not fit a looped model; the message names the key."""
 
 
 def _require(cond: bool, key: str, message: str) -> None:
