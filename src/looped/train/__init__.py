@@ -1,1 +1,1 @@
-"""Training: loop sampler, optimizers and schedules, checkpoints, the training loop, distributed set-up."""
+"""Training: loop sampler, optimizers and schedules, the optimizer step, resumable training state, the loop."""
