@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -120,24 +121,27 @@ def evaluate_checkpoint(
     curves = {"fixed loops": losses}
     if exit is not None:
         result["exit"], result["kv_cache"] = exit, kv_cache
-        result["exit_rows"] = []
-        for t in loops:
-            loss, mean = decode_loss(model, windows, t, kv_cache, exit, min_loops, batch_size)
-            result["exit_rows"].append(
-                {
-                    "max_loops": t,
-                    "mean_loops": mean,
-                    "loss": loss,
-                    "perplexity": perplexity(loss),
-                    "bits_per_byte": bpb(loss),
-                }
-            )
+        result["exit_rows"] = [
+            _exit_row(t, *decode_loss(model, windows, t, kv_cache, exit, min_loops, batch_size), bpb)
+            for t in loops
+        ]
         curves[f"exit {exit} (at mean loops)"] = {r["mean_loops"]: r["loss"] for r in result["exit_rows"]}
     if plot:
         from looped.science.plots import plot_loss_vs_loops
 
         result["plot"] = str(plot_loss_vs_loops(curves, plot, title=str(checkpoint)))
     return result
+
+
+def _exit_row(max_loops: int, loss: float, mean_loops: float, bpb: Callable[[float], float]) -> dict:
+    """One row of the adaptive-exit table: a loop limit, the mean loops used under it and the loss."""
+    return {
+        "max_loops": max_loops,
+        "mean_loops": mean_loops,
+        "loss": loss,
+        "perplexity": perplexity(loss),
+        "bits_per_byte": bpb(loss),
+    }
 
 
 def format_eval(result: dict) -> str:
