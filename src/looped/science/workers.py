@@ -92,8 +92,9 @@ class _Relay:
     def _handle(self, signum: int, frame: object) -> None:
         self.signum = signum
         for w in self.workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(w.process.pid, signum)
+            if w.process.exitcode is None:  # not yet reaped, so the pid is still this worker's
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.process.pid, signum)
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._old.items():
@@ -118,14 +119,15 @@ def run_jobs(
         Stopped: after SIGINT/SIGTERM, once every worker has exited (the jobs they were running are yielded
             first, as whatever they returned when interrupted).
     """
+    if parallel < 1:
+        raise ValueError(f"parallel must be ≥ 1, got {parallel}")
     ctx = multiprocessing.get_context("spawn")
     todo = deque(enumerate(calls))
     workers: list[_Worker] = []
     with _Relay(workers) as relay:
         try:
             while True:
-                if relay.signum is None:
-                    _hand_out(ctx, fn, todo, workers, parallel)
+                _hand_out(ctx, fn, todo, workers, parallel, relay)
                 busy = [w for w in workers if w.job is not None]
                 if not busy:
                     break
@@ -141,16 +143,20 @@ def run_jobs(
             raise Stopped(relay.signum)
 
 
-def _hand_out(ctx, fn: Callable[..., Any], todo: deque, workers: list[_Worker], parallel: int) -> None:
-    """Give every idle worker its next job, starting workers up to `parallel` while jobs remain."""
+def _hand_out(
+    ctx, fn: Callable[..., Any], todo: deque, workers: list[_Worker], parallel: int, relay: _Relay
+) -> None:
+    """Give every idle worker its next job, starting workers up to `parallel` while jobs remain; nothing
+    once the relay has caught a signal (checked before each step: the signal may come in between)."""
     for w in [w for w in workers if w.job is None and not w.process.is_alive()]:
         workers.remove(w)  # it left after its last job (it was signalled)
-    while todo and len(workers) < parallel:
+    while todo and len(workers) < parallel and relay.signum is None:
         workers.append(_start(ctx, fn))
     for w in workers:
-        if w.job is None and todo:
+        if w.job is None and todo and relay.signum is None:
             w.job, args = todo.popleft()
-            w.conn.send((w.job, args))
+            with contextlib.suppress(OSError):  # it just died: its sentinel reports the job as WorkerExit
+                w.conn.send((w.job, args))
 
 
 def _start(ctx, fn: Callable[..., Any]) -> _Worker:
