@@ -184,3 +184,30 @@ def test_resume_without_checkpoints_starts_fresh(data, tmp_path):
     result = train(train_config(data, tmp_path / "run", train={"steps": 2}), resume=True)
     assert result.steps == 2
     shutil.rmtree(tmp_path / "run")
+
+
+def test_the_step_zero_checkpoint_leaves_the_optimizer_fresh(tmp_path):
+    """Saving an optimizer that has not stepped must not step it: torch's state_dict helper initialises an
+    empty AdamW by a zero-gradient step, after which the first real update is ~0.75× its size."""
+    from looped.config import Config
+    from looped.distributed import Dist
+    from looped.model.lm import LoopedLM
+    from looped.train.optim import build_optimizers
+
+    cfg = Config()
+    cfg.model.vocab_size, cfg.model.width, cfg.model.n_heads = 32, 16, 2
+    model = LoopedLM(cfg.model)
+    opts = build_optimizers(model, cfg.optim)
+    ckpt.save_training(tmp_path, ckpt.TrainState(), model, opts, cfg, Dist(), keep=2)
+    assert all(not o.state for o in opts.optimizers)
+    # Resuming from that checkpoint starts fresh too.
+    model2 = LoopedLM(cfg.model)
+    opts2 = build_optimizers(model2, cfg.optim)
+    ckpt.load_training(ckpt.checkpoints(tmp_path)[0], model2, opts2)
+    assert all(not o.state for o in opts2.optimizers)
+    # One real step then counts as one.
+    model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[2, 3, 4]])).loss.backward()
+    for o in opts.optimizers:
+        o.step()
+    steps = {float(s["step"]) for o in opts.optimizers for s in o.state.values() if "step" in s}
+    assert steps == {1.0}

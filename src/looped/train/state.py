@@ -117,9 +117,14 @@ def save_training(
         run: more run.json fields (a task model's task and class).
     """
     weights = full_model_state(model)
+    fresh = not any(o.state for o in opts.optimizers)
     optim = get_optimizer_state_dict(
         model, opts.optimizers, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
+    if fresh:
+        # torch fills an empty optimizer's state by a zero-gradient step at lr 0 (AdamW's step count becomes 1),
+        # which would make the first real update ~0.75× its size through the bias correction: forget it again.
+        _clear_state(opts)
     path = None
     if d.main:
         path = run_dir / "checkpoints" / f"step_{state.step:07d}"
@@ -190,8 +195,15 @@ def load_training(path: Path, model: nn.Module, opts: Optimizers) -> tuple[Train
     optim = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
     set_optimizer_state_dict(model, opts.optimizers, optim, options=StateDictOptions(full_state_dict=True))
     record = json.loads((path / TRAINER).read_text())
+    if record.get("step") == 0:
+        _clear_state(opts)  # a step-0 checkpoint holds the placeholder state save_training forgot (see there)
     set_rng_state(record["rng"])
     return TrainState.from_record(record), record
+
+
+def _clear_state(opts: Optimizers) -> None:
+    for o in opts.optimizers:
+        o.state.clear()
 
 
 def resume_point(run_dir: Path, resume: bool, warn: Callable[[str], None] = print) -> Path | None:
