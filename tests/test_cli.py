@@ -457,6 +457,23 @@ def test_train_task_resume_is_passed_on(capsys, monkeypatch, tmp_path, extra, ex
     assert calls == expected and "accuracy table" in out
 
 
+def test_train_task_stopped_by_a_signal_exits_cleanly(capsys, monkeypatch, tmp_path):
+    """A task run stopped by SIGINT/SIGTERM (after its checkpoint) exits 0 with the resume hint, as
+    `looped train` does for a language model; tests/tasks checks the checkpoint itself."""
+    import looped.tasks.train as task_train
+    from looped.train.state import TrainingStopped
+
+    def stopped(cfg, task, size, say=print, resume=False):
+        raise TrainingStopped(f"stopped at step 6; the checkpoint in {tmp_path} continues with --resume")
+
+    monkeypatch.setattr(task_train, "train_task", stopped)
+    code, out, err = run(
+        capsys, "train", "--preset", "debug", "--task", "parity", "--set", f"train.out={tmp_path}"
+    )
+    assert code == 0 and err == ""
+    assert "stopped at step 6" in out and "--resume" in out
+
+
 @pytest.mark.parametrize(
     ("extra", "flag"), [(["--sizes", "8"], "--sizes"), (["--baseline", "x"], "--baseline")]
 )

@@ -152,17 +152,23 @@ def _train_task(args: argparse.Namespace) -> None:
     from looped.config import load_config
     from looped.tasks.train import after_training, baseline_config, parse_stages, train_curriculum, train_task
 
+    from looped.train.state import TrainingStopped
+
     cfg = load_config(args.files, args.set)
     if args.baseline:
         cfg = baseline_config(cfg)
-    if args.size is None:
-        model, _ = train_task(cfg, args.task, None, resume=args.resume)
-        size, mu = None, max(1, round(cfg.loops.mean_loops))
-    else:
-        stages = parse_stages(args.size)
-        model, _ = train_curriculum(cfg, args.task, stages, resume=args.resume)
-        size = stages[-1][1]  # μ grows with the problem size, as the curriculum scaled it
-        mu = max(1, round(cfg.loops.mean_loops * size / stages[0][1]))
+    try:
+        if args.size is None:
+            model, _ = train_task(cfg, args.task, None, resume=args.resume)
+            size, mu = None, max(1, round(cfg.loops.mean_loops))
+        else:
+            stages = parse_stages(args.size)
+            model, _ = train_curriculum(cfg, args.task, stages, resume=args.resume)
+            size = stages[-1][1]  # μ grows with the problem size, as the curriculum scaled it
+            mu = max(1, round(cfg.loops.mean_loops * size / stages[0][1]))
+    except TrainingStopped as stop:  # a signal asked for it: a clean stop, as `looped train` makes one
+        print(str(stop))
+        return
     print(after_training(model, args.task, size, mu))
     if cfg.train.out:
         print(f"saved {cfg.train.out}/final")
