@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,10 +132,17 @@ class Stepper:
 
 class StopOnSignal:
     """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop at the next step boundary; a
-    second one stops at once (KeyboardInterrupt). The previous handlers come back on exit."""
+    second one stops at once (KeyboardInterrupt). The previous handlers come back on exit.
+
+    A repeat within `GRACE_S` of the first counts as the same request: a scheduler that signals every
+    process by pid reaches a sweep worker twice (directly, and forwarded by its parent), and that must not
+    throw away the steps since the last checkpoint."""
+
+    GRACE_S = 2.0
 
     def __init__(self) -> None:
         self.requested = False
+        self._first = 0.0
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopOnSignal:
@@ -144,9 +152,10 @@ class StopOnSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second signal: stop now
+        if self.requested and time.monotonic() - self._first > self.GRACE_S:  # a second signal: stop now
             raise KeyboardInterrupt
-        self.requested = True
+        if not self.requested:
+            self.requested, self._first = True, time.monotonic()
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():
