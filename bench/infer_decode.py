@@ -67,12 +67,12 @@ def llama(cfg: ModelConfig, layers: int):
     """A LlamaForCausalLM as wide as `cfg`, SwiGLU sized to the same MLP parameters per layer, `layers` deep."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    mlp_params = (3 if cfg.mlp == "swiglu" else 2) * cfg.width * cfg.hidden
+    mlp_params = (3 if cfg.mlp == "swiglu" else 2) * cfg.width * cfg.resolved_mlp_hidden
     hc = LlamaConfig(
         hidden_size=cfg.width,
         num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.dim_head,
+        num_key_value_heads=cfg.resolved_n_kv_heads,
+        head_dim=cfg.resolved_head_dim,
         intermediate_size=round(mlp_params / (3 * cfg.width)),
         num_hidden_layers=layers,
         vocab_size=cfg.vocab_size,
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         transformers=transformers.__version__,
-        model=dict(MODEL, mlp=cfg.mlp, hidden=cfg.hidden),
+        model=dict(MODEL, mlp=cfg.mlp, hidden=cfg.resolved_mlp_hidden),
         **measure(args),
     )
     print_table(report)

@@ -387,7 +387,7 @@ def test_import_looped_is_lazy_and_keeps_the_public_api():
         ("looped.data", "DataError"),
         ("looped.data.errors", "DataError"),
         ("looped.interop.parcae", "ConversionError"),
-        ("looped.science.fit", "FitError"),
+        ("looped.science.fits", "FitError"),
         ("looped.train.trainer", "TrainingError"),
     ],
 )

@@ -341,7 +341,7 @@ def test_parcae_presets_shapes(name, layers, width):
     m = load_config([name]).model
     assert (m.prelude_layers, m.core_layers, m.coda_layers) == (layers, layers, layers)
     assert m.width == width
-    assert m.dim_head == 128 and m.hidden == 4 * width and m.mlp == "relu2"
+    assert m.resolved_head_dim == 128 and m.resolved_mlp_hidden == 4 * width and m.mlp == "relu2"
     assert m.vocab_size == 32768 and m.tie_embeddings and m.injection == "diagonal"
 
 
@@ -408,23 +408,23 @@ def test_round_trip_floats_exactly(tmp_path_factory, eps, base, decay, layers):
 
 def test_kv_heads_and_dim_head():
     m = ModelConfig(width=128, n_heads=4)
-    assert m.kv_heads == 4 and m.dim_head == 32
+    assert m.resolved_n_kv_heads == 4 and m.resolved_head_dim == 32
     m = ModelConfig(width=128, n_heads=8, n_kv_heads=2, head_dim=64)
-    assert m.kv_heads == 2 and m.dim_head == 64
+    assert m.resolved_n_kv_heads == 2 and m.resolved_head_dim == 64
 
 
 @pytest.mark.parametrize(("width", "hidden"), [(64, 192), (96, 256), (100, 320), (128, 384), (768, 2048)])
 def test_swiglu_hidden_rounds_up_to_multiple_of_64(width, hidden):
     m = ModelConfig(width=width, n_heads=2, value_gate_channels=32, mlp="swiglu")
-    assert m.hidden == hidden
-    assert m.hidden % 64 == 0 and 8 * width / 3 <= m.hidden < 8 * width / 3 + 64
-    assert m.hidden == 64 * math.ceil(8 * width / 3 / 64)
+    assert m.resolved_mlp_hidden == hidden
+    assert m.resolved_mlp_hidden % 64 == 0 and 8 * width / 3 <= m.resolved_mlp_hidden < 8 * width / 3 + 64
+    assert m.resolved_mlp_hidden == 64 * math.ceil(8 * width / 3 / 64)
 
 
 def test_hidden_other_mlps_and_explicit():
-    assert ModelConfig(mlp="relu2").hidden == 4 * 128
-    assert ModelConfig(mlp="gelu").hidden == 4 * 128
-    assert ModelConfig(mlp="swiglu", mlp_hidden=100).hidden == 100
+    assert ModelConfig(mlp="relu2").resolved_mlp_hidden == 4 * 128
+    assert ModelConfig(mlp="gelu").resolved_mlp_hidden == 4 * 128
+    assert ModelConfig(mlp="swiglu", mlp_hidden=100).resolved_mlp_hidden == 100
 
 
 @pytest.mark.parametrize(
@@ -459,3 +459,15 @@ def test_section_that_is_not_a_table_is_a_config_error():
 def test_integers_become_floats_in_optional_float_fields():
     cfg = ModelConfig(logit_softcap=30, init_std=1)
     assert type(cfg.logit_softcap) is float and type(cfg.init_std) is float
+
+
+def test_renamed_keys():
+    """Old checkpoints load under the new names; a config file or --set with an old name is told the new one."""
+    from looped.config import from_dict
+
+    cfg = from_dict({"loops": {"max_loops": 9}, "infer": {"max_loops": 7}})
+    assert cfg.loops.max_sampled_loops == 9 and cfg.infer.max_request_loops == 7
+    with pytest.raises(ConfigError, match="loops.max_loops is now loops.max_sampled_loops"):
+        load_config(["debug"], ["loops.max_loops=9"])
+    with pytest.raises(ConfigError, match="infer.max_loops is now infer.max_request_loops"):
+        load_config(["debug"], ["infer.max_loops=9"])

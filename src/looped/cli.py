@@ -151,7 +151,6 @@ def _train(args: argparse.Namespace) -> None:
 def _train_task(args: argparse.Namespace) -> None:
     from looped.config import load_config
     from looped.tasks.train import after_training, baseline_config, parse_stages, train_curriculum, train_task
-
     from looped.train.state import TrainingStopped
 
     cfg = load_config(args.files, args.set)
@@ -204,11 +203,14 @@ def _eval(args: argparse.Namespace) -> None:
     from looped.science.evaluate import evaluate_checkpoint, format_eval
     from looped.tasks.train import evaluate_task_checkpoint, format_task_result
 
-    # Task models are small: they take --device/--dtype where their evaluation can, and run on the CPU if not.
-    placement = {k: v for k, v in vars(args).items() if k in ("device", "dtype") and v is not None}
-    task_placement = _accepted(evaluate_task_checkpoint, placement)
     task = evaluate_task_checkpoint(
-        args.checkpoint, args.task, args.sizes, args.loops, args.plot, args.baseline, **task_placement
+        args.checkpoint,
+        args.task,
+        args.sizes,
+        args.loops,
+        args.plot,
+        args.baseline,
+        **_placement(evaluate_task_checkpoint, args),
     )
     if task is not None:
         print(_json_or(args, task, format_task_result, indent=2))
@@ -229,13 +231,6 @@ def _eval(args: argparse.Namespace) -> None:
         **_placement(evaluate_checkpoint, args),
     )
     print(_json_or(args, result, format_eval, indent=2))
-
-
-def _accepted(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -328,10 +323,14 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _fit(args: argparse.Namespace) -> None:
-    from looped.science.fit import fit_results, format_fit
+    from looped.science.fits import fit_results, format_fit
 
-    result = fit_results(args.results, out_dir=args.out, bootstrap_samples=args.bootstrap, seed=args.seed)
-    print(_json_or(args, result, format_fit))
+    fit = fit_results(args.results, bootstrap_samples=args.bootstrap, seed=args.seed)
+    if args.out:
+        from looped.science.plots import plot_fits
+
+        fit.plots = [str(p) for p in plot_fits(fit, args.out)]
+    print(_json_or(args, fit.to_json(), lambda _: format_fit(fit)))
 
 
 def _report(args: argparse.Namespace) -> None:

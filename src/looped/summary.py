@@ -33,8 +33,8 @@ def describe(cfg: ModelConfig) -> str:
         else f"standard transformer, {cfg.n_layers} layers"
     )
     return (
-        f"{kind}; width {cfg.width}, {cfg.n_heads} heads (kv {cfg.kv_heads}, dim {cfg.dim_head}), "
-        f"{cfg.mlp} MLP {cfg.hidden}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}"
+        f"{kind}; width {cfg.width}, {cfg.n_heads} heads (kv {cfg.resolved_n_kv_heads}, dim {cfg.resolved_head_dim}), "
+        f"{cfg.mlp} MLP {cfg.resolved_mlp_hidden}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}"
     )
 
 

@@ -196,7 +196,7 @@ def test_max_ms_without_a_profile_calibrates_once(model, capsys):
     engine = Engine(model)
     out = engine.generate(PROMPTS[0], max_ms_per_token=1e6, max_new_tokens=2)
     assert engine.profile is not None and "calibration" in capsys.readouterr().err
-    assert out.loops[-1] == engine.infer.max_loops  # a generous target allows the cap
+    assert out.loops[-1] == engine.infer.max_request_loops  # a generous target allows the cap
 
 
 def test_stop_strings_end_of_text_and_streaming(text_engine):

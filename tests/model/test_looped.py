@@ -195,7 +195,7 @@ def test_standard_model_ignores_loops():
 def test_like_init_state_is_a_truncated_normal_at_the_init_std():
     model = LoopedLM(tiny(state_init="like-init", width=64, n_heads=4)).eval()
     h = model.initial_state(torch.zeros(8, 32, 64))
-    std = model.cfg.std
+    std = model.cfg.resolved_init_std
     assert h.abs().max() <= 3 * std
     assert float(h.std()) == pytest.approx(std * 0.986, rel=0.05)  # the std of N(0, σ²) cut at ±3σ
     assert float((h.abs() > 2.99 * std).float().mean()) < 0.001  # truncated, not clamped onto the edges

@@ -45,6 +45,15 @@ def test_bits_per_byte_and_exit_rows(trained, tmp_path):
     assert (tmp_path / "l.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_eval_in_bfloat16(trained):
+    fp32 = evaluate_checkpoint(str(trained), [1, 4], max_windows=4, exit="kl:1e-2")
+    bf16 = evaluate_checkpoint(str(trained), [1, 4], max_windows=4, exit="kl:1e-2", dtype="bfloat16")
+    for a, b in zip(fp32["rows"] + fp32["exit_rows"], bf16["rows"] + bf16["exit_rows"], strict=True):
+        assert b["loss"] != a["loss"] and b["loss"] == pytest.approx(a["loss"], abs=0.05)  # bf16 rounding
+    with pytest.raises(ValueError, match="unknown dtype"):
+        evaluate_checkpoint(str(trained), [1], max_windows=4, dtype="float8")
+
+
 def test_bits_per_byte_counts_the_bytes_of_bpe_tokens():
     from looped.data.tokenizer import Tokenizer
 

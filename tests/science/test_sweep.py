@@ -49,7 +49,7 @@ def test_sweep_runs_the_grid_and_skips_what_finished(data, tmp_path):
     less = [r for r in records if r["grid"]["train.steps"] == 3]
     assert sum(r["flops"] for r in more) > sum(r["flops"] for r in less)
     # The records are what `looped fit` reads: the per-run test-time law fits the looped runs.
-    from looped.science.fit import fit_results
+    from looped.science.fits import fit_results
 
     fit = fit_results(results, bootstrap_samples=10)
     assert len(fit.records) == 12

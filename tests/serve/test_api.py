@@ -275,11 +275,11 @@ def test_keys_tiers_caps_and_rates(engine):
             "name": "alice",
             "sha256": hash_key("sk-alice"),
             "tiers": ["fast"],
-            "max_loops": 2,
+            "loop_cap": 2,
             "rate_per_minute": 3,
         },
         {"name": "bob", "sha256": hash_key("sk-bob")},
-        {"name": "carol", "sha256": hash_key("sk-carol"), "max_loops": 2},
+        {"name": "carol", "sha256": hash_key("sk-carol"), "loop_cap": 2},
     ]
     with client_for(engine, keys=keys) as c:
         body = {"model": MODEL, "prompt": "a", "max_tokens": 1}

@@ -37,8 +37,8 @@ def test_poisson_mean_and_floor(mu):
 
 def test_poisson_lognormal_has_the_configured_mean_and_heavier_tail():
     mu = 8.0
-    t = draws(LoopsConfig(sampler="poisson-lognormal", mean_loops=mu, max_loops=200)).double()
-    p = draws(LoopsConfig(sampler="poisson", mean_loops=mu, max_loops=200)).double()
+    t = draws(LoopsConfig(sampler="poisson-lognormal", mean_loops=mu, max_sampled_loops=200)).double()
+    p = draws(LoopsConfig(sampler="poisson", mean_loops=mu, max_sampled_loops=200)).double()
     assert t.min() >= 1
     assert abs(t.mean().item() - mu) < 0.05 * mu
     assert t.var() > 1.5 * p.var()
@@ -46,9 +46,9 @@ def test_poisson_lognormal_has_the_configured_mean_and_heavier_tail():
 
 def test_fixed_and_cap():
     assert torch.all(draws(LoopsConfig(sampler="fixed", mean_loops=3), steps=5) == 3)
-    t = draws(LoopsConfig(sampler="poisson", mean_loops=4, max_loops=5))
+    t = draws(LoopsConfig(sampler="poisson", mean_loops=4, max_sampled_loops=5))
     assert t.max() == 5
-    assert LoopsConfig(mean_loops=4).cap == 16
+    assert LoopsConfig(mean_loops=4).resolved_max_sampled_loops == 16
 
 
 def test_per_batch_gives_one_depth_per_step():
@@ -99,5 +99,5 @@ def test_bad_loop_configs():
         LoopsConfig(mean_loops=0.5)
     with pytest.raises(ConfigError, match="poisson-lognormal"):
         LoopsConfig(sampler="poisson-lognormal", mean_loops=1)
-    with pytest.raises(ConfigError, match="max_loops"):
-        LoopsConfig(mean_loops=8, max_loops=4)
+    with pytest.raises(ConfigError, match="max_sampled_loops"):
+        LoopsConfig(mean_loops=8, max_sampled_loops=4)

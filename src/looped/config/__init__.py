@@ -21,11 +21,11 @@ from looped.config.sections import (
     DataConfig,
     EvalConfig,
     Injection,
-    LoopSampler,
     LoopsConfig,
     MLPKind,
     ModelConfig,
     OptimConfig,
+    SamplerKind,
     SpectralGroup,
     StateInit,
     TrainConfig,
@@ -40,7 +40,7 @@ __all__ = [
     "InferConfig",
     "ServeConfig",
     "Injection",
-    "LoopSampler",
+    "SamplerKind",
     "LoopsConfig",
     "MLPKind",
     "ModelConfig",
@@ -88,10 +88,17 @@ class Config:
         return {name: getattr(self, name).to_dict() for name in self.SECTIONS}
 
 
+# Keys renamed since checkpoints were first written: (section, old) → new. A checkpoint's config.toml is read
+# with the new names; a config file or --set that uses an old name is told the new one.
+RENAMED = {("loops", "max_loops"): "max_sampled_loops", ("infer", "max_loops"): "max_request_loops"}
+
+
 def _set_in(tree: dict[str, dict[str, Any]], section: str, key: str, value: Any, source: str) -> None:
     if section not in Config.SECTIONS:
         raise ConfigError(f"{source}: unknown section [{section}]{_closest(section, Config.SECTIONS)}")
     names = [f.name for f in dataclasses.fields(Config.SECTIONS[section])]
+    if (section, key) in RENAMED:
+        raise ConfigError(f"{source}: {section}.{key} is now {section}.{RENAMED[section, key]}")
     if key not in names:
         raise ConfigError(f"{source}: unknown key {section}.{key}{_closest(key, names)}")
     tree.setdefault(section, {})[key] = value
@@ -195,6 +202,9 @@ def from_dict(tree: dict[str, dict[str, Any]]) -> Config:
         if not isinstance(tree.get(section, {}), dict):
             raise ConfigError(f"config: [{section}] must be a table of keys, got {tree[section]!r}")
         values = dict(tree.get(section, {}))
+        for (where, old), new in RENAMED.items():  # a checkpoint written before the rename
+            if where == section and old in values and new not in values:
+                values[new] = values.pop(old)
         for key in values:
             _set_in({}, section, key, None, "config")
         sections[section] = cls(**values)

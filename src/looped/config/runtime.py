@@ -18,7 +18,7 @@ class InferConfig(Section):
     kv_cache: Literal["per-loop", "shared"] = doc(
         "shared", "KV cache for core layers: shared (one entry per position) or per-loop (one per loop)."
     )
-    max_loops: int = doc(64, "The most loops a request may ask for; more is an error.")
+    max_request_loops: int = doc(64, "The most loops a request may ask for; more is an error.")
     exit: str = doc(
         "none", "Adaptive exit: none, or criterion:threshold (kl:1e-3, entropy:1e-2, state:1e-2, argmax:2)."
     )
@@ -37,10 +37,12 @@ class InferConfig(Section):
     )
 
     def validate(self) -> None:
-        if self.max_loops < 1:
-            raise ConfigError(f"infer.max_loops must be ≥ 1, got {self.max_loops}")
-        if not 1 <= self.min_loops <= self.max_loops:
-            raise ConfigError(f"infer.min_loops must lie in [1, infer.max_loops], got {self.min_loops}")
+        if self.max_request_loops < 1:
+            raise ConfigError(f"infer.max_request_loops must be ≥ 1, got {self.max_request_loops}")
+        if not 1 <= self.min_loops <= self.max_request_loops:
+            raise ConfigError(
+                f"infer.min_loops must lie in [1, infer.max_request_loops], got {self.min_loops}"
+            )
         if self.max_new_tokens < 0 or self.temperature < 0 or self.repetition_penalty <= 0:
             raise ConfigError(
                 "infer.max_new_tokens and infer.temperature must be ≥ 0, repetition_penalty > 0"
@@ -52,7 +54,7 @@ class InferConfig(Section):
 
 
 TIER_KEYS = {"loops", "exit", "min_loops", "max_ms_per_token", "max_flops_per_token"}
-KEY_KEYS = {"name", "sha256", "tiers", "max_loops", "rate_per_minute"}
+KEY_KEYS = {"name", "sha256", "tiers", "loop_cap", "rate_per_minute"}
 
 
 @dataclass
@@ -84,7 +86,7 @@ class ServeConfig(Section):
     keys: list[dict[str, Any]] = doc(
         [],
         "API keys; empty means no key is needed. Each: name, sha256 (of the key; `looped serve --hash-key`), "
-        "and optionally tiers (allowed), max_loops and rate_per_minute.",
+        "and optionally tiers (allowed), loop_cap and rate_per_minute.",
     )
 
     def validate(self) -> None:
@@ -122,7 +124,7 @@ class ServeConfig(Section):
             for tier in key.get("tiers", []):
                 if tier not in self.tiers:
                     raise ConfigError(f"{where}.tiers: {tier!r} is not one of serve.tiers")
-            for limit in ("max_loops", "rate_per_minute"):
+            for limit in ("loop_cap", "rate_per_minute"):
                 v = key.get(limit)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                     raise ConfigError(f"{where}.{limit} must be an integer ≥ 1, got {v!r}")

@@ -14,7 +14,7 @@ MLPKind = Literal["swiglu", "relu2", "gelu"]
 BlockNorm = Literal["pre-norm", "sandwich"]
 StateInit = Literal["zero", "normal", "like-init"]
 SpectralGroup = Literal["injection", "readout", "core-out", "core"]
-LoopSampler = Literal["fixed", "poisson", "poisson-lognormal"]
+SamplerKind = Literal["fixed", "poisson", "poisson-lognormal"]
 
 
 @dataclass
@@ -93,11 +93,11 @@ class ModelConfig(Section):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.layout == "grid" and (self.causal or self.dim_head % 4):
+        if self.layout == "grid" and (self.causal or self.resolved_head_dim % 4):
             raise ConfigError(
                 "model.layout = 'grid' needs an encoder (model.causal = false) and a head width divisible by 4 "
                 f"(rows and columns take half the rotary pairs each), got causal = {self.causal}, head width "
-                f"{self.dim_head}"
+                f"{self.resolved_head_dim}"
             )
         if self.attn_window is not None and self.attn_window < 1:
             raise ConfigError(f"model.attn_window must be ≥ 1 (or None), got {self.attn_window}")
@@ -118,7 +118,7 @@ class ModelConfig(Section):
             raise ConfigError(
                 f"model.width // model.n_heads = {self.width // self.n_heads} must be even for rotary embeddings"
             )
-        kv = self.kv_heads
+        kv = self.resolved_n_kv_heads
         if kv < 1 or self.n_heads % kv:
             raise ConfigError(
                 f"model.n_kv_heads = {kv} must be ≥ 1 and divide model.n_heads = {self.n_heads}"
@@ -160,17 +160,20 @@ class ModelConfig(Section):
         if "readout" in self.spectral_norm and not self.readout:
             raise ConfigError("model.spectral_norm: 'readout' needs model.readout = true")
 
-    # Derived sizes, used by the model and by accounting.
+    # The values in effect of the optional fields (None = derived): one name per concept, `resolved_<field>`.
     @property
-    def kv_heads(self) -> int:
+    def resolved_n_kv_heads(self) -> int:
+        """`n_kv_heads`, or `n_heads` (no grouping) when unset."""
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
     @property
-    def dim_head(self) -> int:
+    def resolved_head_dim(self) -> int:
+        """`head_dim`, or width // n_heads when unset."""
         return self.head_dim if self.head_dim is not None else self.width // self.n_heads
 
     @property
-    def hidden(self) -> int:
+    def resolved_mlp_hidden(self) -> int:
+        """`mlp_hidden`, or 4·width (⌈8·width/3⌉ rounded up to 64 for swiglu) when unset."""
         if self.mlp_hidden is not None:
             return self.mlp_hidden
         if self.mlp == "swiglu":
@@ -197,7 +200,8 @@ class ModelConfig(Section):
         return [i for i in range(n) if i % 2 == (n - 1) % 2]
 
     @property
-    def std(self) -> float:
+    def resolved_init_std(self) -> float:
+        """`init_std`, or √(2 / (5·width)) when unset."""
         return self.init_std if self.init_std is not None else math.sqrt(2 / (5 * self.width))
 
 
@@ -207,7 +211,7 @@ class LoopsConfig(Section):
 
     _section: typing.ClassVar[str] = "loops"
 
-    sampler: LoopSampler = doc(
+    sampler: SamplerKind = doc(
         "poisson",
         "fixed (always μ), poisson (Parcae: T ~ Poisson(μ), T ≥ 1) or poisson-lognormal (Huginn, mean μ).",
     )
@@ -218,7 +222,7 @@ class LoopsConfig(Section):
     per: Literal["sequence", "batch"] = doc(
         "sequence", "Draw a depth per sequence (Parcae: fewer loss spikes) or one per batch."
     )
-    max_loops: int | None = doc(None, "Cap on a drawn depth; None means 4·μ.")
+    max_sampled_loops: int | None = doc(None, "The most loops a training draw may give; None means ⌈4·μ⌉.")
     lognormal_sigma: float = doc(0.5, "σ of the log-normal rate in poisson-lognormal (Huginn: 0.5).")
     curriculum: Literal["none", "linear", "sqrt"] = doc(
         "none", "Ramp μ from 1: linear, or sqrt (μ_t = 1 + (μ−1)·(1 − √(1 − p)), slow start); none keeps μ."
@@ -234,9 +238,9 @@ class LoopsConfig(Section):
             )
         if self.backprop_loops is not None and self.backprop_loops < 1:
             raise ConfigError(f"loops.backprop_loops must be ≥ 1 (or None), got {self.backprop_loops}")
-        if self.max_loops is not None and self.max_loops < max(1, round(self.mean_loops)):
+        if self.max_sampled_loops is not None and self.max_sampled_loops < max(1, round(self.mean_loops)):
             raise ConfigError(
-                f"loops.max_loops = {self.max_loops} is below loops.mean_loops = {self.mean_loops}"
+                f"loops.max_sampled_loops = {self.max_sampled_loops} is below loops.mean_loops = {self.mean_loops}"
             )
         if self.lognormal_sigma <= 0:
             raise ConfigError(f"loops.lognormal_sigma must be > 0, got {self.lognormal_sigma}")
@@ -244,13 +248,18 @@ class LoopsConfig(Section):
             raise ConfigError(f"loops.curriculum_fraction must lie in [0, 1], got {self.curriculum_fraction}")
 
     @property
-    def k(self) -> int:
+    def resolved_backprop_loops(self) -> int:
         """Backprop depth k (explicit, or ⌈μ/2⌉)."""
         return self.backprop_loops if self.backprop_loops is not None else math.ceil(self.mean_loops / 2)
 
     @property
-    def cap(self) -> int:
-        return self.max_loops if self.max_loops is not None else max(1, math.ceil(4 * self.mean_loops))
+    def resolved_max_sampled_loops(self) -> int:
+        """The most loops the sampler draws (explicit, or ⌈4μ⌉)."""
+        return (
+            self.max_sampled_loops
+            if self.max_sampled_loops is not None
+            else max(1, math.ceil(4 * self.mean_loops))
+        )
 
 
 @dataclass
@@ -325,7 +334,9 @@ class TrainConfig(Section):
     seed: int = doc(0, "Seed of the model init, data order, loop depths and initial-state noise.")
     device: Literal["auto", "cpu", "cuda"] = doc("auto", "auto picks cuda when available.")
     precision: Literal["auto", "fp32", "bf16"] = doc(
-        "auto", "auto: bf16 autocast on GPU, fp32 on CPU (bf16 matmuls are slow on most CPUs)."
+        "auto",
+        "auto: bf16 autocast on GPU, fp32 on CPU (bf16 pays only on CPUs with AVX-512 BF16 or AMX, and gives "
+        "other numbers than fp32; docs/benchmarks.md measures it: set bf16 there).",
     )
     parallel: Literal["ddp", "fsdp"] = doc("ddp", "Under torchrun: DDP, or FSDP2 (fully_shard).")
     activation_checkpointing: bool = doc(

@@ -56,7 +56,7 @@ class KVCache:
 
     # ------------------------------------------------------------------ storage
     def _new(self) -> list[torch.Tensor]:
-        shape = (self.rows, self.cfg.kv_heads, self.slots, self.cfg.dim_head)
+        shape = (self.rows, self.cfg.resolved_n_kv_heads, self.slots, self.cfg.resolved_head_dim)
         return [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(2)]
 
     def _resize(self, rows: int, slots: int) -> None:
@@ -150,7 +150,10 @@ class KVCache:
         """Bytes of the entries that hold tokens (tokens stored × groups × keys and values)."""
         tokens = int(self.lengths.sum())
         per_token = (
-            2 * self.cfg.kv_heads * self.cfg.dim_head * torch.empty((), dtype=self.dtype).element_size()
+            2
+            * self.cfg.resolved_n_kv_heads
+            * self.cfg.resolved_head_dim
+            * torch.empty((), dtype=self.dtype).element_size()
         )
         return tokens * per_token * len(self.groups)
 

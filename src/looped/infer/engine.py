@@ -39,7 +39,7 @@ class Compute:
     max_flops_per_token: float | None = None
     max_ms_per_token: float | None = None
     warm_start: bool = False
-    max_loops: int | None = None  # a cap below infer.max_loops (a server's per-key limit)
+    loop_cap: int | None = None  # a cap below infer.max_request_loops (a server's per-key limit)
 
 
 @dataclass
@@ -268,8 +268,10 @@ class Engine:
 
     def _resolve(self, compute: Compute, length: int) -> tuple[int, ExitCriterion | None]:
         """(loops, exit criterion) for a request, with every bad value a ValueError."""
-        cap = min(self.infer.max_loops, compute.max_loops or self.infer.max_loops)
-        where = "infer.max_loops" if cap == self.infer.max_loops else "the cap for this caller"
+        cap = min(self.infer.max_request_loops, compute.loop_cap or self.infer.max_request_loops)
+        where = (
+            "infer.max_request_loops" if cap == self.infer.max_request_loops else "the cap for this caller"
+        )
         budgets = [
             name
             for name, v in (
@@ -305,7 +307,7 @@ class Engine:
         self.notice(
             "no calibration profile for max_ms_per_token: measuring one now (run `looped calibrate` to keep one)"
         )
-        cap = self.infer.max_loops
+        cap = self.infer.max_request_loops
         grid = sorted({t for t in (1, 2, 4, 8, 16, 32) if t <= cap} | {min(cap, 2)})
         self.profile = calibrate(self.model, loops=grid, tokens=8, repeats=1, kv_cache=self.kv_cache)
         self.controller = LatencyController(self.profile)

@@ -82,9 +82,9 @@ def calibrate_checkpoint(
     None: the checkpoint's [infer] values); store the profile in the checkpoint directory (or `out`), where
     `Engine.from_checkpoint` finds it."""
     engine = Engine.from_checkpoint(checkpoint, kv_cache=kv_cache, device=device, dtype=dtype)
-    cap = engine.infer.max_loops
+    cap = engine.infer.max_request_loops
     if max(loops) > cap:
-        raise ValueError(f"loops must lie in [1, {cap}] (infer.max_loops), got {max(loops)}")
+        raise ValueError(f"loops must lie in [1, {cap}] (infer.max_request_loops), got {max(loops)}")
     profile = calibrate(
         engine.model, loops, batch_sizes, tokens=tokens, kv_cache=engine.kv_cache, progress=True
     )

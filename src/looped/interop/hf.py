@@ -183,7 +183,9 @@ class LoopedPreTrainedModel(PreTrainedModel):
         # (it builds the model on the meta device), is recomputed here.
         if isinstance(module, LoopedLM):
             cfg = module.cfg
-            module.rope.copy_(rope_table(cfg.dim_head, cfg.max_seq_len, cfg.rope_base, module.rope.device))
+            module.rope.copy_(
+                rope_table(cfg.resolved_head_dim, cfg.max_seq_len, cfg.rope_base, module.rope.device)
+            )
 
 
 class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):

@@ -264,8 +264,8 @@ def load_parcae(src: str | Path) -> LoopedLM:
     sd = read_state_dict(src)
     cfg = convert_config(pc, set(sd))
     if "freqs_cis" in sd:
-        theirs = sd["freqs_cis"].float().reshape(-1, cfg.dim_head // 2, 2)
-        ours = rope_table(cfg.dim_head, theirs.shape[0], cfg.rope_base).permute(1, 2, 0)
+        theirs = sd["freqs_cis"].float().reshape(-1, cfg.resolved_head_dim // 2, 2)
+        ours = rope_table(cfg.resolved_head_dim, theirs.shape[0], cfg.rope_base).permute(1, 2, 0)
         if theirs.shape != ours.shape or not torch.allclose(theirs, ours, atol=1e-4):
             raise ConversionError(
                 "freqs_cis: the stored rotary table does not match rope_base / head size from config.json"

@@ -24,10 +24,10 @@ PARTS = ("embedding", "value_embeds", "prelude", "injection", "core", "readout",
 
 
 def block_params(cfg: ModelConfig, value_embed: bool) -> int:
-    d, hd = cfg.width, cfg.dim_head
-    attn = d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2
-    gate = cfg.value_gate_channels * cfg.kv_heads if value_embed else 0
-    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.hidden
+    d, hd = cfg.width, cfg.resolved_head_dim
+    attn = d * cfg.n_heads * hd * 2 + d * cfg.resolved_n_kv_heads * hd * 2
+    gate = cfg.value_gate_channels * cfg.resolved_n_kv_heads if value_embed else 0
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.resolved_mlp_hidden
     norms = (4 if cfg.block_norm == "sandwich" else 2) * d
     return attn + gate + mlp + norms
 
@@ -46,7 +46,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     )
     counts = {
         "embedding": V * d,
-        "value_embeds": len(ve) * V * cfg.kv_heads * cfg.dim_head,
+        "value_embeds": len(ve) * V * cfg.resolved_n_kv_heads * cfg.resolved_head_dim,
         "prelude": blocks(0, p) + (d if cfg.looped and cfg.prelude_norm else 0),
         "injection": injection,
         "core": blocks(p, c),
@@ -88,7 +88,7 @@ def unrolled_params(cfg: ModelConfig, loops: int) -> int:
 def _block_flops(cfg: ModelConfig, value_embed: bool, seq_len: int) -> int:
     d = cfg.width
     matrices = block_params(cfg, value_embed) - (4 if cfg.block_norm == "sandwich" else 2) * d
-    return 2 * matrices + 4 * seq_len * cfg.n_heads * cfg.dim_head
+    return 2 * matrices + 4 * seq_len * cfg.n_heads * cfg.resolved_head_dim
 
 
 def flops_parts(cfg: ModelConfig, loops: int, seq_len: int) -> dict[str, int]:
@@ -138,7 +138,9 @@ def kv_cache_bytes_per_token(
     `per-loop` caching keeps an entry per (loop, core layer); `shared` keeps one per core layer, so the
     figure does not grow with loops.
     """
-    per_layer = 2 * cfg.kv_heads * cfg.dim_head * torch.empty((), dtype=dtype).element_size()
+    per_layer = (
+        2 * cfg.resolved_n_kv_heads * cfg.resolved_head_dim * torch.empty((), dtype=dtype).element_size()
+    )
     core_entries = cfg.core_layers * (1 if shared or not cfg.looped else loops)
     return per_layer * (cfg.prelude_layers + cfg.coda_layers + core_entries)
 
@@ -197,7 +199,7 @@ def baseline(
         if match == "params"
         else (lambda c: flops_per_token(c, 1, seq_len))
     )
-    h0 = base.hidden
+    h0 = base.resolved_mlp_hidden
     slope = (measure(dataclasses.replace(base, mlp_hidden=h0 + 64)) - measure(base)) / 64
     if slope > 0:
         hidden = max(8, 8 * round((h0 + (target - measure(base)) / slope) / 8))

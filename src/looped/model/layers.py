@@ -125,7 +125,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, value_embed: bool = False) -> None:
         super().__init__()
-        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.dim_head
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.resolved_n_kv_heads, cfg.resolved_head_dim
         self.qk_norm, self.causal, self.window = cfg.qk_norm, cfg.causal, cfg.attn_window
         self.grid = cfg.layout == "grid"
         self.wq = nn.Linear(cfg.width, self.n_heads * self.hd, bias=False)
@@ -206,9 +206,11 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.kind = cfg.mlp
-        self.w_in = nn.Linear(cfg.width, cfg.hidden, bias=False)
-        self.w_gate = nn.Linear(cfg.width, cfg.hidden, bias=False) if cfg.mlp == "swiglu" else None
-        self.w_out = nn.Linear(cfg.hidden, cfg.width, bias=False)
+        self.w_in = nn.Linear(cfg.width, cfg.resolved_mlp_hidden, bias=False)
+        self.w_gate = (
+            nn.Linear(cfg.width, cfg.resolved_mlp_hidden, bias=False) if cfg.mlp == "swiglu" else None
+        )
+        self.w_out = nn.Linear(cfg.resolved_mlp_hidden, cfg.width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.w_in(x)

@@ -69,7 +69,10 @@ class LoopedLM(nn.Module):
         p, c = cfg.prelude_layers, cfg.core_layers
         self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.value_embeds = nn.ModuleDict(
-            {str(i): nn.Embedding(cfg.vocab_size, cfg.kv_heads * cfg.dim_head) for i in sorted(ve)}
+            {
+                str(i): nn.Embedding(cfg.vocab_size, cfg.resolved_n_kv_heads * cfg.resolved_head_dim)
+                for i in sorted(ve)
+            }
         )
         self.prelude = nn.ModuleList(Block(cfg, i in ve) for i in range(p))
         self.core = nn.ModuleList(Block(cfg, p + i in ve) for i in range(c))
@@ -85,7 +88,7 @@ class LoopedLM(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.register_buffer(
-            "rope", rope_table(cfg.dim_head, cfg.max_seq_len, cfg.rope_base), persistent=False
+            "rope", rope_table(cfg.resolved_head_dim, cfg.max_seq_len, cfg.rope_base), persistent=False
         )
         self._grid_tables: dict[int, torch.Tensor] = {}  # model.layout = "grid": rotary tables by side
         # Set by the trainer (a memory/compute trade-off, not part of the architecture).
@@ -104,7 +107,7 @@ class LoopedLM(nn.Module):
         """Parcae's "scaled-zero" init: truncated-normal hidden matrices (std √(2/(5d))), zero output projections,
         identity B with decay ≈ init_decay, orthogonal readout with singular values √(2/5) (or the identity,
         model.readout_init)."""
-        std = self.cfg.std
+        std = self.cfg.resolved_init_std
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std)
@@ -246,7 +249,7 @@ class LoopedLM(nn.Module):
         side = grid_side(length)
         table = self._grid_tables.get(side)
         if table is None or table.device != self.rope.device:
-            table = rope_grid_table(self.cfg.dim_head, side, self.cfg.rope_base).to(self.rope.device)
+            table = rope_grid_table(self.cfg.resolved_head_dim, side, self.cfg.rope_base).to(self.rope.device)
             self._grid_tables[side] = table
         return table
 
@@ -293,7 +296,7 @@ class LoopedLM(nn.Module):
     def _noise(self, shape: tuple[int, ...], gen: torch.Generator | None) -> torch.Tensor:
         h = torch.empty(shape, dtype=torch.float32)
         if self.cfg.state_init == "like-init":
-            std = self.cfg.std
+            std = self.cfg.resolved_init_std
             return nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std, generator=gen)
         return h.normal_(generator=gen)
 

@@ -58,7 +58,7 @@ def models(cfg: Config) -> dict[str, Config]:
 def training_flops_per_token(cfg: Config) -> float:
     """Training FLOPs per token at the mean loop count (forward-only loops counted once)."""
     mu = max(1, round(cfg.loops.mean_loops)) if cfg.model.looped else 1
-    k = min(mu, cfg.loops.k) if cfg.model.looped else None
+    k = min(mu, cfg.loops.resolved_backprop_loops) if cfg.model.looped else None
     return accounting.flops_per_token(cfg.model, mu, cfg.data.seq_len, training=True, backprop_loops=k)
 
 

@@ -44,7 +44,8 @@ def decode_loss(
     for i in range(0, windows.shape[0], batch_size):
         batch = windows[i : i + batch_size].to(device)
         x, y = batch[:, :-1], batch[:, 1:]
-        cache = KVCache(model.cfg, kv_cache, rows=x.shape[0], slots=x.shape[1], device=device)
+        dtype = next(model.parameters()).dtype
+        cache = KVCache(model.cfg, kv_cache, rows=x.shape[0], slots=x.shape[1], device=device, dtype=dtype)
         for p in range(x.shape[1]):  # position 0 is a one-token prompt, the rest are decode steps
             out = forward_cached(
                 model, cache, x[:, p : p + 1], loops=loops, exit=criterion if p else None, min_loops=min_loops
@@ -65,6 +66,8 @@ def evaluate_checkpoint(
     exit: str | None = None,
     kv_cache: str = "shared",
     min_loops: int = 1,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> dict:
     """Validation loss, perplexity and bits per byte of a checkpoint at each loop count, on its own data's
     validation split; with `exit`, also the loss and mean loops per token under adaptive exit at each
@@ -80,12 +83,16 @@ def evaluate_checkpoint(
         exit: an adaptive-exit criterion ("kl:1e-3", ...); None evaluates fixed loops only.
         kv_cache: the cache rule for the exit rows ("shared" or "per-loop").
         min_loops: with exit, no token stops before this many loops.
+        device: "auto", "cpu" or "cuda"; None: the checkpoint's infer.device.
+        dtype: "float32" or "bfloat16" weights; None: the checkpoint's infer.dtype.
     """
     from looped.checkpoint import load, load_config_dir
     from looped.data.loader import TokenData, val_windows
+    from looped.infer.engine import resolve_device, resolve_dtype
 
     cfg = load_config_dir(checkpoint)
-    model = load(checkpoint)
+    place = resolve_device(device or cfg.infer.device)
+    model = load(checkpoint, device=place, dtype=resolve_dtype(dtype or cfg.infer.dtype))
     tokens = TokenData.open(data or cfg.data.path)
     if tokens.tokenizer.vocab_size != model.cfg.vocab_size:
         raise ValueError(
@@ -94,7 +101,7 @@ def evaluate_checkpoint(
         )
     windows = val_windows(tokens, cfg.data.seq_len, max_windows or cfg.eval.max_windows)
     batch_size = batch_size or cfg.eval.batch_size
-    losses = loss_by_loops(model, windows, loops, batch_size)
+    losses = loss_by_loops(model, windows, loops, batch_size, device=place)
     labels = windows[:, 1:]
     n_bytes = int(tokens.tokenizer.token_bytes()[labels.numpy()].sum())
 

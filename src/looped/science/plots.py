@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from looped.science.fit import FitResult
+    from looped.science.fits import FitResult
 
 
 def plot_loss_vs_loops(curves: dict[str, dict[float, float]], path: str | Path, title: str = "") -> Path:

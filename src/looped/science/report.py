@@ -50,7 +50,7 @@ def _sections(folder: Path) -> list[tuple[str, str, list[Path]]]:
     if results.is_file() and not any(
         (folder / f).is_file() for f in ("compare.json", "stability.json", "transfer.json")
     ):
-        from looped.science.fit import fit_results, format_fit
+        from looped.science.fits import fit_results, format_fit
         from looped.science.plots import plot_fits
 
         fit = fit_results(results)

@@ -32,7 +32,7 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None) 
     """
     if engine.tokenizer is None:
         raise ValueError("looped serve needs a checkpoint with a tokenizer.json")
-    check_tiers(cfg, engine.infer.max_loops)
+    check_tiers(cfg, engine.infer.max_request_loops)
     name = model_name or cfg.model_name or _default_name(engine.checkpoint)
     metrics = Metrics()
     scheduler = Scheduler(engine, cfg.max_batch, cfg.queue_size, metrics)
@@ -89,14 +89,14 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None) 
     return app
 
 
-def check_tiers(cfg: ServeConfig, max_loops: int) -> None:
+def check_tiers(cfg: ServeConfig, max_request_loops: int) -> None:
     """A tier the model cannot run is a start-up error, not a 400 on every request that names it."""
     for tier, spec in cfg.tiers.items():
         for field in ("loops", "min_loops"):
             value = spec.get(field)
-            if isinstance(value, int) and not 1 <= value <= max_loops:
+            if isinstance(value, int) and not 1 <= value <= max_request_loops:
                 raise ValueError(
-                    f"serve.tiers.{tier}.{field} = {value} is outside [1, infer.max_loops = {max_loops}]"
+                    f"serve.tiers.{tier}.{field} = {value} is outside [1, infer.max_request_loops = {max_request_loops}]"
                 )
         loops, least = spec.get("loops"), spec.get("min_loops")
         if isinstance(loops, int) and isinstance(least, int) and least > loops:
@@ -112,7 +112,7 @@ def _model_card(engine: Engine, cfg: ServeConfig, name: str) -> dict:
         "created": int(_created(engine)),
         "owned_by": "looped",
         "loops": m.cfg.loops,
-        "max_loops": engine.infer.max_loops,
+        "max_request_loops": engine.infer.max_request_loops,
         "tiers": cfg.tiers,
         "context": m.cfg.max_seq_len,
         "parameters": sum(p.numel() for p in m.parameters()),
@@ -123,7 +123,7 @@ def _playground(engine: Engine, cfg: ServeConfig, name: str) -> str:
     page = resources.files("looped.serve").joinpath("playground.html").read_text()
     return (
         page.replace("__MODEL__", name)
-        .replace("__MAX_LOOPS__", str(engine.infer.max_loops))
+        .replace("__MAX_LOOPS__", str(engine.infer.max_request_loops))
         .replace("__LOOPS__", str(engine.model.cfg.loops))
         .replace("__TIERS__", ",".join(cfg.tiers))
     )

@@ -40,7 +40,7 @@ class Key:
     name: str
     sha256: str
     tiers: list[str] = field(default_factory=list)  # empty: every tier
-    max_loops: int | None = None
+    loop_cap: int | None = None
     rate_per_minute: int | None = None
 
 
@@ -90,7 +90,7 @@ class Keyring:
 
     def admit(self, key: Key | None, ask: Ask) -> None:
         """Check that the key may use the tier this request names (403 if not). Its loop cap goes to the
-        engine as Compute.max_loops, which also bounds what a tier or a budget picks."""
+        engine as Compute.loop_cap, which also bounds what a tier or a budget picks."""
         if key is not None and key.tiers and ask.tier is not None and ask.tier not in key.tiers:
             raise APIError(
                 f"this key may use the tiers {', '.join(key.tiers)}, not '{ask.tier}'", 403, param="compute"
@@ -113,15 +113,17 @@ class Keyring:
                 )
             calls.append(now)
 
-    def cap(self, key: Key | None, max_loops: int) -> int:
+    def cap(self, key: Key | None, max_request_loops: int) -> int:
         """The most loops this caller may run per token (a budget or a tier cannot go past it)."""
-        return min(max_loops, key.max_loops or max_loops) if key is not None else max_loops
+        if key is None:
+            return max_request_loops
+        return min(max_request_loops, key.loop_cap or max_request_loops)
 
-    def compute(self, key: Key | None, ask: Ask, max_loops: int) -> Compute:
-        """The compute `ask` runs with under this key: its cap as Compute.max_loops, and a tier's loops held
+    def compute(self, key: Key | None, ask: Ask, max_request_loops: int) -> Compute:
+        """The compute `ask` runs with under this key: its cap as Compute.loop_cap, and a tier's loops held
         under the cap (a tier is a default; only loops the request asked for itself are refused above it)."""
-        cap = self.cap(key, max_loops)
-        compute = dataclasses.replace(ask.compute, max_loops=cap)
+        cap = self.cap(key, max_request_loops)
+        compute = dataclasses.replace(ask.compute, loop_cap=cap)
         if compute.loops is not None and compute.loops > cap and "loops" not in ask.fields:
             compute = dataclasses.replace(compute, loops=cap)
         return compute

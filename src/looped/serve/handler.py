@@ -111,8 +111,8 @@ class Handler:
         key = self.keyring.identify(request.headers.get("authorization"))
         ask = parse_request(kind, decode_body(await self._body(request)), self.cfg, self.name, self.defaults)
         self.keyring.admit(key, ask)
-        compute = self.keyring.compute(key, ask, self.engine.infer.max_loops)
-        cap = compute.max_loops
+        compute = self.keyring.compute(key, ask, self.engine.infer.max_request_loops)
+        cap = compute.loop_cap
         prompts = [self._prepare(ask, i, compute, cap) for i in range(len(ask.prompts))]
         self.keyring.count(key)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()

@@ -118,7 +118,7 @@ class TwoStreamModel(nn.Module):
         self.vision.head = nn.Identity()  # its output is the normed final state
         self.bridge = nn.Linear(vcfg.width, self.cfg.width, bias=False)
         self.text = LoopedLM(self.cfg)
-        std = self.cfg.std
+        std = self.cfg.resolved_init_std
         nn.init.trunc_normal_(self.pos, std=std, a=-3 * std, b=3 * std)
 
     def forward(
@@ -154,6 +154,8 @@ def evaluate_multimodal(
     """Test exact match on a grid: {"write" | "read": {vision loops: {text loops: accuracy}}}."""
     model.eval()
     (images, text), y = batch("test", None, seed=0)
+    weight = next(model.parameters())  # run where the model is
+    images, text, y = images.to(weight.device, weight.dtype), text.to(weight.device), y.to(weight.device)
     write = text[:, 0] == WRITE
     out: dict[str, dict[int, dict[int, float]]] = {"write": {}, "read": {}}
     for tv in vision_loops:

@@ -171,7 +171,7 @@ def train_task(
         if cfg.train.init_from and resume_from is None:  # a curriculum: a model trained at a smaller
             init_weights_from(model, cfg.train.init_from, grow_vocab=True)  # size, or on another task
             say(f"weights from {cfg.train.init_from}")
-        log = fit(model, cfg, draw, score, say, run_dir=run_dir, resume_from=resume_from, run=run)
+        log = train_steps(model, cfg, draw, score, say, run_dir=run_dir, resume_from=resume_from, run=run)
     finally:
         if scratch:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -222,7 +222,7 @@ def _task_model(
     return LoopedLM(cfg.model), cfg, draw_problems, exact_match, run
 
 
-def fit(
+def train_steps(
     model: torch.nn.Module,
     cfg: Config,
     draw: Callable[[int, int], tuple],
@@ -397,13 +397,17 @@ def evaluate_task_checkpoint(
     loops: list[int],
     plot: str | None = None,
     baseline: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> dict | None:
     """`looped eval` on a task checkpoint. None when neither `task` is given nor the checkpoint was trained on
     one. Algorithmic tasks: exact match at `sizes` × `loops` (sizes default: 1×, 2× and 4× the training
     size); vision: test accuracy at `loops`; digit_names: writing and reading accuracy on the grid `loops` ×
     `loops` (vision × text). With `baseline` (a non-looped checkpoint, `looped train --task … --baseline`),
-    its accuracy at the same sizes."""
-    from looped.checkpoint import read_run
+    its accuracy at the same sizes. `device` and `dtype` ("auto"/"cpu"/"cuda", "float32"/"bfloat16"): where and
+    in what precision the models run; None: the checkpoint's [infer] values."""
+    from looped.checkpoint import load_config_dir, read_run
+    from looped.infer.engine import resolve_device, resolve_dtype
     from looped.tasks import multimodal, vision
 
     run = read_run(checkpoint)
@@ -420,7 +424,10 @@ def evaluate_task_checkpoint(
         raise ConfigError(
             f"--baseline is not supported for {task}; evaluate the baseline checkpoint on its own"
         )
+    infer = load_config_dir(checkpoint).infer
+    place = {"device": resolve_device(device or infer.device), "dtype": resolve_dtype(dtype or infer.dtype)}
     model, run = load_task_model(checkpoint)
+    model.to(**place)
     if task in multimodal.MULTIMODAL_TASKS:
         grid = multimodal.evaluate_multimodal(model, loops, loops)
         out: dict = {"task": task, "kind": "multimodal", "grid": grid}
@@ -445,6 +452,7 @@ def evaluate_task_checkpoint(
     out["table"] = table
     if baseline is not None:
         base_model, _ = load_task_model(baseline)
+        base_model.to(**place)
         if base_model.cfg.looped:
             raise ConfigError(f"--baseline {baseline} is a looped model; train one with --baseline")
         out["baseline"] = {size: row[1] for size, row in measure(base_model, [1]).items()}

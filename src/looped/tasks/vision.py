@@ -170,7 +170,7 @@ class LoopedViT(nn.Module):
         self.pos = nn.Parameter(torch.zeros(task.tokens, self.cfg.width))
         self.body = LoopedLM(self.cfg)
         del self.body.embed  # the patches are the embedding
-        std = self.cfg.std
+        std = self.cfg.resolved_init_std
         nn.init.trunc_normal_(self.pos, std=std, a=-3 * std, b=3 * std)
 
     def forward(
@@ -202,6 +202,8 @@ def evaluate_vision(model: LoopedViT, loops: list[int], batch: int = 256) -> dic
     """Test accuracy at each loop count: {"test": {loops: accuracy}}."""
     model.eval()
     x, y = model.task.batch("test", None, seed=0)
+    weight = next(model.parameters())
+    x, y = x.to(weight.device, weight.dtype), y.to(weight.device)  # runs where the model is
     row = {}
     for t in loops:
         right = sum(

@@ -113,7 +113,7 @@ def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:
     return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def describe(opts: Optimizers) -> dict[str, Any]:
+def optimizer_summary(opts: Optimizers) -> dict[str, Any]:
     """Parameter counts per optimizer, for the run log."""
     return {
         type(o).__name__: sum(p.numel() for g in o.param_groups for p in g["params"]) for o in opts.optimizers

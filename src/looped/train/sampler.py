@@ -48,7 +48,7 @@ class LoopSampler:
     @property
     def backprop_loops(self) -> int:
         """k: each sequence carries gradients through its last min(T, k) loops."""
-        return self.cfg.k
+        return self.cfg.resolved_backprop_loops
 
     def draw(self, step: int, n: int) -> torch.Tensor:
         """Depths for the n sequences of the global batch at `step`: a (n,) LongTensor in [1, max_loops]."""
@@ -67,5 +67,5 @@ class LoopSampler:
             z = torch.randn((m,), generator=gen)
             rate = torch.exp(math.log(base) - sigma**2 / 2 + sigma * z)
             t = 1 + torch.poisson(rate, generator=gen)
-        t = t.clamp(1, self.cfg.cap).long()
+        t = t.clamp(1, self.cfg.resolved_max_sampled_loops).long()
         return t if m == n else t.expand(n).clone()

@@ -5,7 +5,6 @@ that a truncated or corrupt checkpoint falls back to the previous one — and th
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import re
 import shutil
@@ -26,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from looped.checkpoint import WEIGHTS, atomic_dir, write_model_files
+from looped.checkpoint import WEIGHTS, atomic_dir, sha256, write_model_files
 from looped.config import Config, ConfigError, TrainConfig
 from looped.distributed import Dist, barrier, unwrap
 from looped.errors import TrainingError
@@ -58,14 +57,6 @@ class TrainState:
         """The counters in a trainer.json record (a field an older checkpoint lacks keeps its default: its
         FLOPs are then counted from the resume on)."""
         return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rng_state() -> dict[str, str]:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from looped import distributed
-from looped.checkpoint import atomic_dir, init_weights_from, write_model_files
+from looped.checkpoint import atomic_dir, init_weights_from, sha256, write_model_files
 from looped.config import Config, ConfigError, from_dict, to_toml
 from looped.data import DataError
 from looped.data.loader import Loader, TokenData, val_windows
@@ -23,7 +23,7 @@ from looped.eval import default_eval_loops, loss_by_loops, perplexity
 from looped.model.accounting import flops_per_token
 from looped.model.lm import LoopedLM
 from looped.train import state as ckpt
-from looped.train.optim import Optimizers, build_optimizers, describe, lr_factor
+from looped.train.optim import Optimizers, build_optimizers, lr_factor, optimizer_summary
 from looped.train.sampler import LoopSampler
 from looped.train.state import TrainingError, TrainState
 from looped.train.step import Stepper, StepResult, StopOnSignal, uses_bf16
@@ -270,7 +270,7 @@ def _start(run: _Run) -> TrainState:
         f"training {run.model.num_params()['total']:,} parameters on {d.world} × {d.device.type} "
         f"({'bf16' if run.stepper.bf16 else 'fp32'}), {tc.global_batch} × {run.cfg.data.seq_len} tokens per "
         f"step (micro {run.micro} × accum {run.accum} × world {d.world}), loops {run.cfg.loops.sampler} "
-        f"μ={run.cfg.loops.mean_loops:g} k={run.sampler.backprop_loops}, {describe(run.opts)}"
+        f"μ={run.cfg.loops.mean_loops:g} k={run.sampler.backprop_loops}, {optimizer_summary(run.opts)}"
     )
     from tqdm import tqdm
 
@@ -450,7 +450,7 @@ def _save_final(run: _Run, state: TrainState) -> Path | None:
         final = run.dir / "final"
         tokenizer_file = _tokenizer_file(run.cfg)
         with atomic_dir(final) as tmp:
-            tok = {"tokenizer_sha256": ckpt.sha256(tokenizer_file)} if tokenizer_file.is_file() else {}
+            tok = {"tokenizer_sha256": sha256(tokenizer_file)} if tokenizer_file.is_file() else {}
             cfg = run.cfg
             write_model_files(
                 tmp, weights, cfg, cfg.model.tie_embeddings, world_size=run.d.world, step=state.step, **tok

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from looped.science.fit import (
+from looped.science.fits import (
     FitError,
     accounting_fns,
     data_accounting,
