@@ -8,7 +8,8 @@ stops the workers, the way a batch scheduler (SIGTERM) or Ctrl-C (SIGINT) expect
   worker's trainer checkpoints and returns, then raises `Stopped`; running the command again resumes.
   Workers sit in their own process group, so a signal sent to the parent's group (Ctrl-C in a terminal,
   `kill -TERM -PGID`) reaches them once, through the parent: the trainer reads a second signal as "stop
-  now, without a checkpoint". (A scheduler that signals every process by pid still sends two.)
+  now, without a checkpoint". (A scheduler that signals every process by pid sends two; the trainer takes
+  a repeat within 2 s of the first as the same request.)
 - A worker dies with its parent, however the parent ends (SIGKILL included, which no handler can relay).
   On Linux the kernel sends the worker SIGTERM when the parent exits (prctl PR_SET_PDEATHSIG): no polling
   and no delay. Elsewhere a thread checks the parent's pid once a second. Either way the worker then
