@@ -286,3 +286,13 @@ def test_a_deep_request_does_not_leave_its_loops_behind(model):
     assert engine.cache.nbytes() == shallow  # the idle engine gave the 16 loop groups back
     again = engine.generate(PROMPTS[0], loops=16, max_new_tokens=3, temperature=0)
     assert again.token_ids == deep.token_ids
+
+
+def test_min_loops_over_the_loops_asked_is_refused(model):
+    engine = Engine(model)
+    with pytest.raises(ValueError, match="min_loops = 5 is more than loops = 3"):
+        engine.generate(PROMPTS[0], loops=3, min_loops=5, max_new_tokens=2)
+    with pytest.raises(ValueError, match="min_loops = 5 is more than loops = 2"):
+        engine.generate([PROMPTS[0], PROMPTS[1]], loops=[8, 2], min_loops=5, max_new_tokens=2)
+    out = engine.generate(PROMPTS[0], loops=5, min_loops=5, exit="kl:1e9", max_new_tokens=3, temperature=0)
+    assert out.loops == [5, 5, 5]  # no token exits before min_loops, however loose the criterion

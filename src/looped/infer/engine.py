@@ -501,6 +501,11 @@ class Engine:
         per_loops = list(loops) if isinstance(loops, Sequence) else [loops] * len(prompts)
         if len(per_loops) != len(prompts):
             raise ValueError(f"{len(per_loops)} loop counts for {len(prompts)} prompts")
+        # An explicit min_loops over an explicit loop count would be lowered without a word: refuse it. (The
+        # [infer] default is lowered to fit, as a default should.)
+        short = [t for t in per_loops if t is not None and min_loops is not None and t < min_loops]
+        if short:
+            raise ValueError(f"min_loops = {min_loops} is more than loops = {min(short)}")
         params = self.sampling(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
