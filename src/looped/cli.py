@@ -106,10 +106,21 @@ def _probe(args: argparse.Namespace) -> None:
     print(probe(args.checkpoint, args.files, args.set, args.loops, args.batch, args.seq_len, args.seed))
 
 
-def _convert_parcae(args: argparse.Namespace) -> None:
-    from looped.interop.parcae import convert_parcae
+def _convert(args: argparse.Namespace) -> None:
+    from looped.interop.convert import FAMILIES, convert
 
-    print(f"wrote {convert_parcae(args.src, args.out)}")
+    if len(args.paths) == 3:
+        family, src, out = args.paths
+        if family not in FAMILIES:
+            raise ValueError(
+                f"unknown family {family!r}; choose {', '.join(FAMILIES)} (or give only SRC OUT)"
+            )
+    elif len(args.paths) == 2:
+        family, (src, out) = None, args.paths
+    else:
+        raise ValueError("looped convert takes [FAMILY] SRC OUT")
+    found, path = convert(src, out, family, args.dtype)
+    print(f"wrote {path} ({found})")
 
 
 def _data_prepare(args: argparse.Namespace) -> None:
@@ -515,15 +526,20 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="convert a checkpoint from another format into a looped checkpoint")
-    conv = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    c = conv.add_parser(
-        "parcae",
-        help="a Parcae checkpoint directory (config.json + model.safetensors / model.pt / pytorch_model.bin)",
+    p = sub.add_parser(
+        "convert",
+        help="convert a released checkpoint (Huginn, retrofitted Llama, Ouro, Parcae) into a looped checkpoint",
+        description="looped convert [FAMILY] SRC OUT: SRC is the folder as released (config.json, "
+        "model.safetensors or shards with model.safetensors.index.json, tokenizer files); the family "
+        "(huginn, retrofit, ouro, parcae) is detected from config.json and the weights unless named.",
     )
-    c.add_argument("src")
-    c.add_argument("out")
-    c.set_defaults(run=_convert_parcae)
+    p.add_argument("paths", nargs="+", metavar="[FAMILY] SRC OUT")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of the stored weights (default: the source's, e.g. bfloat16 stays bfloat16)",
+    )
+    p.set_defaults(run=_convert)
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:

@@ -16,6 +16,8 @@ def _project(attn, xq, keys_in, tok_k, ve_emb):
     q = attn.wq(xq).view(1, 1, H, hd)
     k = attn.wk(keys_in).view(1, -1, KV, hd)
     v = attn.wv(keys_in).view(1, -1, KV, hd)
+    if attn.qk_bias is not None:
+        q, k = q + attn.qk_bias[0], k + attn.qk_bias[1]
     if attn.ve_gate is not None and ve_emb is not None:
         gate = 2 * torch.sigmoid(attn.ve_gate(keys_in[:, : attn.gate_channels]))  # (J, KV)
         v = v + gate[None, :, :, None] * ve_emb(tok_k).view(1, -1, KV, hd)
@@ -25,8 +27,8 @@ def _project(attn, xq, keys_in, tok_k, ve_emb):
 def _attention(model, attn, xq, keys_in, pos_q, pos_k, tok_k, ve_emb):
     """One query input xq (D,) at position pos_q over key inputs keys_in (J, D) at positions pos_k, by hand."""
     q, k, v, H, KV, hd = _project(attn, xq, keys_in, tok_k, ve_emb)
-    q = apply_rope(q, model.rope[:, pos_q : pos_q + 1])
-    k = apply_rope(k, model.rope[:, pos_k])  # (2, J, hd/2): one angle per key position
+    q = apply_rope(q, model.rope[:, pos_q : pos_q + 1], attn.pairing)
+    k = apply_rope(k, model.rope[:, pos_k], attn.pairing)  # (2, J, hd/2): one angle per key position
     if attn.qk_norm:
         q, k = F.rms_norm(q, (hd,)), F.rms_norm(k, (hd,))
     k = k.repeat_interleave(H // KV, dim=2)
@@ -62,12 +64,12 @@ def reference_logits(
                 lst.append(None)
             return key
 
-        x = model.embed(tokens[s : s + 1])[0]
+        x = model.embed(tokens[s : s + 1])[0] * cfg.embed_scale
         for i, b in enumerate(model.prelude):
             k = slot(("prelude", i, 0))
             x = _block(model, b, x, inputs, k, lambda j, k=k: k, s, tokens, ves.get(i))
         e = model.prelude_norm(x) if model.prelude_norm is not None else x
-        h = model.initial_state(e[None, None], torch.tensor([[s]]))[0, 0]
+        h = model.initial_state(e[None, None], torch.tensor([[s]]))[0, 0]  # e itself with injection none
         u = model.injection.prepare(e[None, None])
         for t in range(counts[s]):
             h = model.injection.step(h[None, None], u)[0, 0]
@@ -84,12 +86,16 @@ def reference_logits(
                     return ("core", i, counts[j] - 1)
 
                 h = _block(model, b, h, inputs, k, pick, s, tokens, ves.get(P + i))
+            if cfg.final_norm == "every-loop":
+                h = model.final_norm(h)
+        if cfg.final_norm == "state-and-head":
+            h = model.final_norm(h)
         x = model.readout(h) if model.readout is not None else h
         for i, b in enumerate(model.coda):
             k = slot(("coda", i, 0))
             x = _block(model, b, x, inputs, k, lambda j, k=k: k, s, tokens, ves.get(P + C + i))
         if s >= prompt_len - 1:
-            logits = model.head(model.final_norm(x)).float()
+            logits = model.head(x if cfg.final_norm == "every-loop" else model.final_norm(x)).float()
             if cfg.logit_softcap is not None:
                 logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
             out.append(logits)
@@ -101,10 +107,12 @@ def _block(model, b, x, inputs, key, pick, s, tokens, ve_emb):
     inputs[key][s] = a_in
     keys = torch.stack([inputs[pick(j)][j] for j in range(s + 1)])
     a = _attention(model, b.attn, a_in, keys, s, list(range(s + 1)), tokens[: s + 1], ve_emb)
-    if b.attn_out_norm is not None:
-        a = b.attn_out_norm(a)
-    x = x + a
-    m = b.mlp(b.mlp_norm(x))
-    if b.mlp_out_norm is not None:
-        m = b.mlp_out_norm(m)
-    return x + m
+    x = _add(b, x, a, b.attn_out_norm)
+    return _add(b, x, b.mlp(b.mlp_norm(x)), b.mlp_out_norm)
+
+
+def _add(b, x, out, norm):
+    """The residual add of each block layout: pre-norm, sandwich (norm on the branch), sandwich-residual."""
+    if norm is None:
+        return x + out
+    return norm(x + out) if b.residual_norm else x + norm(out)

@@ -9,9 +9,11 @@ from typing import Literal
 
 from looped.config.section import ConfigError, Section, doc
 
-Injection = Literal["diagonal", "linear", "additive"]
+Injection = Literal["diagonal", "linear", "additive", "none"]
 MLPKind = Literal["swiglu", "relu2", "gelu"]
-BlockNorm = Literal["pre-norm", "sandwich"]
+BlockNorm = Literal["pre-norm", "sandwich", "sandwich-residual"]
+RopePairing = Literal["interleaved", "half"]
+FinalNorm = Literal["head", "state-and-head", "every-loop"]
 StateInit = Literal["zero", "normal", "like-init"]
 SpectralGroup = Literal["injection", "readout", "core-out", "core"]
 SamplerKind = Literal["fixed", "poisson", "poisson-lognormal"]
@@ -33,10 +35,30 @@ class ModelConfig(Section):
         None, "MLP hidden width; None means 4·width (swiglu: 8/3·width, rounded to 64)."
     )
     block_norm: BlockNorm = doc(
-        "pre-norm", "Block layout: pre-norm, or sandwich (norm before and after each branch)."
+        "pre-norm",
+        "Block layout: pre-norm (x + f(norm(x))); sandwich (x + norm(f(norm(x))), a norm on each branch "
+        "output, Ouro); sandwich-residual (norm(x + f(norm(x))), a norm on the residual stream after each "
+        "add, Huginn).",
     )
     norm_eps: float = doc(1e-5, "RMSNorm epsilon.")
     rope_base: float = doc(50000.0, "Rotary embedding base (theta).")
+    rope_pairing: RopePairing = doc(
+        "interleaved",
+        "Which channels rotate together: interleaved pairs (2i, 2i+1) as Parcae and Huginn, or half: "
+        '(i, i + head_dim/2) as Llama, Qwen and Ouro ("rotate half").',
+    )
+    rope_scale_kind: Literal["none", "llama3"] = doc(
+        "none", "Frequency scaling of RoPE: none, or llama3 (Llama 3.1+ long-context scaling, fields below)."
+    )
+    rope_scale_factor: float = doc(8.0, "llama3 scaling: the factor low frequencies are divided by.")
+    rope_low_freq_factor: float = doc(1.0, "llama3 scaling: wavelengths above original/this are scaled.")
+    rope_high_freq_factor: float = doc(4.0, "llama3 scaling: wavelengths below original/this are kept.")
+    rope_original_max_len: int = doc(8192, "llama3 scaling: the context the frequencies were trained at.")
+    qk_bias: bool = doc(
+        False,
+        "A learned bias added to queries and keys per head before RoPE (Huginn; needs n_kv_heads = n_heads).",
+    )
+    embed_scale: float = doc(1.0, "The token embedding is multiplied by this (Huginn: sqrt(width)).")
     qk_norm: bool = doc(True, "Parameter-free RMSNorm on queries and keys per head.")
     causal: bool = doc(
         True, "Causal attention (a language model); false makes an encoder, as for looped.tasks."
@@ -66,17 +88,33 @@ class ModelConfig(Section):
     coda_layers: int = doc(1, "Blocks run once after the loop.")
     loops: int = doc(4, "Default number of loops T at inference and in eval mode.")
     injection: Injection = doc(
-        "diagonal", "How the prelude output e enters each loop: diagonal (Parcae), linear (Huginn), additive."
+        "diagonal",
+        "How the prelude output e enters each loop: diagonal (Parcae), linear (Huginn), additive, or none: "
+        "e is the initial state and nothing is re-injected (Ouro, where the whole stack loops).",
     )
+    injection_bias: bool = doc(False, "A bias on the linear injection's matrix (Huginn's adapter with bias).")
     prelude_norm: bool = doc(True, "RMSNorm on the prelude output e before it is injected.")
     readout: bool = doc(True, "Linear readout C from the recurrent state to the coda.")
+    final_norm: FinalNorm = doc(
+        "head",
+        "Where the final RMSNorm applies: head (after the coda, before the head); state-and-head (also to "
+        "the state after the last loop, before the coda: Huginn); every-loop (to the state at the end of "
+        "every loop, which feeds the next loop and the head directly: Ouro, with no coda).",
+    )
+    exit_gate: bool = doc(
+        False,
+        "A learned exit gate Linear(width, 1) on the state after each loop: loop i exits with probability "
+        "σ(g_i)·∏_{j<i}(1 − σ(g_j)) (Ouro); `--exit gate:P` stops a token once that reaches P cumulatively.",
+    )
     readout_init: Literal["orthogonal", "identity"] = doc(
         "orthogonal",
         "Init of C: orthogonal with singular values √(2/5) (Parcae), or the identity, which keeps the state in "
         "the embedding's basis (with tied embeddings, much faster to train at small budgets; docs/results.md).",
     )
     state_init: StateInit = doc(
-        "zero", "Initial recurrent state: zero, normal (std 1) or like-init (truncated normal, init std)."
+        "zero",
+        "Initial recurrent state: zero, normal (std 1) or like-init (truncated normal, init std). With "
+        "injection = none the state starts at the prelude output instead.",
     )
     state_seed: int = doc(0, "Seed for a random initial state in eval mode (training draws fresh noise).")
     init_std: float | None = doc(None, "Std of hidden matrices at init; None means sqrt(2 / (5·width)).")
@@ -153,12 +191,39 @@ class ModelConfig(Section):
         if self.core_layers == 0:
             if "core" in self.spectral_norm or "core-out" in self.spectral_norm:
                 raise ConfigError("model.spectral_norm names core weights, but model.core_layers = 0")
-        if "injection" in self.spectral_norm and self.injection == "additive":
+        if "injection" in self.spectral_norm and self.injection in ("additive", "none"):
             raise ConfigError(
-                "model.spectral_norm: 'injection' has no weights to constrain with model.injection = 'additive'"
+                f"model.spectral_norm: 'injection' has no weights to constrain with model.injection = "
+                f"'{self.injection}'"
             )
+        self._validate_families()
         if "readout" in self.spectral_norm and not self.readout:
             raise ConfigError("model.spectral_norm: 'readout' needs model.readout = true")
+
+    def _validate_families(self) -> None:
+        """The options imported families need, checked against each other."""
+        if self.qk_bias and self.resolved_n_kv_heads != self.n_heads:
+            raise ConfigError(
+                "model.qk_bias needs model.n_kv_heads = model.n_heads (one bias per query head)"
+            )
+        if self.injection_bias and self.injection != "linear":
+            raise ConfigError("model.injection_bias needs model.injection = 'linear'")
+        if self.final_norm == "every-loop" and (self.coda_layers or self.readout):
+            raise ConfigError(
+                "model.final_norm = 'every-loop' feeds the head from the loop: it needs model.coda_layers = 0 "
+                "and model.readout = false"
+            )
+        if self.exit_gate and not self.looped:
+            raise ConfigError("model.exit_gate needs a looped model (model.core_layers > 0)")
+        if self.rope_pairing == "half" and self.layout == "grid":
+            raise ConfigError("model.layout = 'grid' needs model.rope_pairing = 'interleaved'")
+        if self.embed_scale <= 0:
+            raise ConfigError(f"model.embed_scale must be > 0, got {self.embed_scale}")
+        if (
+            self.rope_scale_kind == "llama3"
+            and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+        ):
+            raise ConfigError("model.rope_low_freq_factor must lie in (0, model.rope_high_freq_factor)")
 
     # The values in effect of the optional fields (None = derived): one name per concept, `resolved_<field>`.
     @property

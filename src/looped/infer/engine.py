@@ -286,6 +286,8 @@ class Engine:
                 f"give one of loops, max_flops_per_token, max_ms_per_token (got {', '.join(budgets)})"
             )
         crit = parse_exit(compute.exit)
+        if crit is not None and crit.needs_gate and self.model.exit_gate is None:
+            raise ValueError(f"exit {crit!r} needs a model with an exit gate (model.exit_gate), as Ouro has")
         if compute.loops is not None:
             loops = int(compute.loops)
             if not 1 <= loops <= cap:

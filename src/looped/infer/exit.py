@@ -5,8 +5,11 @@ looping, and says which are done:
 - `kl`: KL(p_t ‖ p_{t−1}) of the next-token distributions below τ (Huginn, arXiv 2502.05171, §6);
 - `entropy`: |H(p_t) − H(p_{t−1})| below τ;
 - `state`: ‖h_t − h_{t−1}‖ / ‖h_t‖ below τ (needs no logits, so it adds no compute per loop);
-- `argmax`: the top token unchanged for n loops in a row.
-Written as `name:threshold`, e.g. `kl:1e-3`, `argmax:3`.
+- `argmax`: the top token unchanged for n loops in a row;
+- `gate`: a learned exit gate (`model.exit_gate`, Ouro): loop i exits with probability σ(g_i) times the
+  probability that no earlier loop did; stop once that cumulative probability reaches P. It reads one
+  number per loop, so it can stop after the first loop and adds almost no compute.
+Written as `name:threshold`, e.g. `kl:1e-3`, `argmax:3`, `gate:0.5`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class Signals:
 
     state: torch.Tensor  # (B, D)
     logprobs: torch.Tensor | None = None  # (B, V), when the criterion needs logits
+    gate: torch.Tensor | None = None  # (B,) exit-gate logits, when the criterion needs them
 
 
 class ExitCriterion:
@@ -29,6 +33,8 @@ class ExitCriterion:
 
     name = ""
     needs_logits = True
+    needs_gate = False
+    compares = True  # reads the loop before too, so the earliest exit is after loop 2
 
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
@@ -95,8 +101,31 @@ class ArgmaxExit(ExitCriterion):
         return f"argmax:{self.threshold}"
 
 
-CRITERIA: dict[str, type[ExitCriterion]] = {c.name: c for c in (KLExit, EntropyExit, StateExit, ArgmaxExit)}
-DEFAULT_THRESHOLD = {"kl": 1e-3, "entropy": 1e-2, "state": 1e-2, "argmax": 2}
+class GateExit(ExitCriterion):
+    name = "gate"
+    needs_logits = False
+    needs_gate = True
+    compares = False
+
+    def __init__(self, threshold: float) -> None:
+        if not 0 < threshold <= 1:
+            raise ValueError(f"exit gate:P needs a probability P in (0, 1], got {threshold:g}")
+        super().__init__(threshold)
+        self.survive = torch.ones(0)
+
+    def start(self, batch: int, device: torch.device) -> None:
+        self.survive = torch.ones(batch, device=device)  # ∏ (1 − σ(g_j)) over the loops so far
+
+    def done(self, prev: Signals, cur: Signals, index: torch.Tensor) -> torch.Tensor:
+        survive = self.survive[index] * (1 - torch.sigmoid(cur.gate.float()))
+        self.survive[index] = survive
+        return 1 - survive >= self.threshold
+
+
+CRITERIA: dict[str, type[ExitCriterion]] = {
+    c.name: c for c in (KLExit, EntropyExit, StateExit, ArgmaxExit, GateExit)
+}
+DEFAULT_THRESHOLD = {"kl": 1e-3, "entropy": 1e-2, "state": 1e-2, "argmax": 2, "gate": 0.5}
 
 
 def parse_exit(spec: str | ExitCriterion | None) -> ExitCriterion | None:
@@ -120,6 +149,6 @@ def parse_exit(spec: str | ExitCriterion | None) -> ExitCriterion | None:
         raise ValueError(
             f"exit {text!r}: the threshold must be a number, e.g. {name}:{DEFAULT_THRESHOLD[name]}"
         ) from None
-    if not threshold > 0 or threshold == float("inf"):
+    if not threshold > 0 or threshold == float("inf"):  # (each criterion checks its own range too)
         raise ValueError(f"exit {text!r}: the threshold must be a positive number")
     return CRITERIA[name](threshold)

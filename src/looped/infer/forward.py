@@ -50,8 +50,8 @@ def forward_cached(
         positions: (B, P) rotary positions; default the slots (Hugging Face left padding passes its own).
         key_mask: (B, S) False for cached keys never to attend (left padding); S ≥ the new cache length.
         all_logits: return logits at every position (B, P, V) instead of the last real one.
-        exit: an adaptive-exit criterion, checked after each loop from loop 2 on (it compares two loops, so
-            the earliest exit is after 2 loops); needs P == 1.
+        exit: an adaptive-exit criterion, checked after each loop (from loop 2 on for those that compare two
+            loops); needs P == 1.
         min_loops: no token exits before this many loops.
         warm_state: (B, D) start the loop from this state (the previous token's final state) instead of
             the initial state; needs P == 1.
@@ -66,6 +66,8 @@ def forward_cached(
         raise ValueError(f"the sequence would exceed the model's context of {cfg.max_seq_len} tokens")
     if (exit is not None or warm_state is not None) and P != 1:
         raise ValueError("adaptive exit and warm start apply while decoding, one new token per row")
+    if exit is not None and exit.needs_gate and model.exit_gate is None:
+        raise ValueError(f"exit {exit!r} needs a model with an exit gate (model.exit_gate), as Ouro has")
     slots = start[:, None] + torch.arange(P)  # (B, P)
     positions = slots.to(device) if positions is None else positions.to(device)
     view = cache.view(rows, slots, key_mask)
@@ -149,11 +151,13 @@ def _iterate(
         if exit is None:
             continue
         cur = Signals(state=h_a[:, 0])
+        if exit.needs_gate:
+            cur.gate = model.exit_logit(h_a[:, 0])
         if probe:
             out = _readout(model, h_a, sub, in_a.rope, in_a.ves, last[idx])
             logits[idx] = out
             cur.logprobs = F.log_softmax(out, dim=-1)
-        if t >= 1:  # a criterion compares two loops
+        if t >= 1 or not exit.compares:  # most criteria compare two loops
             prev = Signals(state=prev_state[idx], logprobs=None if prev_logp is None else prev_logp[idx])
             stop = exit.done(prev, cur, idx) & (counts[idx] > t + 1)
             if t + 1 >= min_loops and bool(stop.any()):

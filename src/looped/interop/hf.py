@@ -59,7 +59,7 @@ from looped.data.tokenizer import EOT, Tokenizer
 from looped.infer.cache import KV_MODES, KVCache
 from looped.infer.engine import resolve_device, resolve_dtype
 from looped.infer.forward import forward_cached
-from looped.model.layers import rope_table
+from looped.model.layers import model_rope_table
 from looped.model.lm import LoopedLM
 
 MODEL_TYPE = "looped"
@@ -182,10 +182,7 @@ class LoopedPreTrainedModel(PreTrainedModel):
         # overwrite it. Only the rotary table, a non-persistent buffer that from_pretrained leaves empty
         # (it builds the model on the meta device), is recomputed here.
         if isinstance(module, LoopedLM):
-            cfg = module.cfg
-            module.rope.copy_(
-                rope_table(cfg.resolved_head_dim, cfg.max_seq_len, cfg.rope_base, module.rope.device)
-            )
+            module.rope.copy_(model_rope_table(module.cfg, module.rope.device))
 
 
 class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):

@@ -28,8 +28,12 @@ def block_params(cfg: ModelConfig, value_embed: bool) -> int:
     attn = d * cfg.n_heads * hd * 2 + d * cfg.resolved_n_kv_heads * hd * 2
     gate = cfg.value_gate_channels * cfg.resolved_n_kv_heads if value_embed else 0
     mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.resolved_mlp_hidden
-    norms = (4 if cfg.block_norm == "sandwich" else 2) * d
-    return attn + gate + mlp + norms
+    qk_bias = 2 * cfg.n_heads * hd if cfg.qk_bias else 0
+    return attn + gate + mlp + qk_bias + _block_norm_params(cfg)
+
+
+def _block_norm_params(cfg: ModelConfig) -> int:
+    return (2 if cfg.block_norm == "pre-norm" else 4) * cfg.width
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -41,16 +45,17 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     def blocks(first: int, n: int) -> int:
         return sum(block_params(cfg, first + i in ve) for i in range(n))
 
-    injection = (
-        {"diagonal": d * d + 2 * d, "linear": 2 * d * d, "additive": 0}[cfg.injection] if cfg.looped else 0
-    )
+    injection = 0
+    if cfg.looped:
+        injection = {"diagonal": d * d + 2 * d, "linear": 2 * d * d, "additive": 0, "none": 0}[cfg.injection]
+        injection += d if cfg.injection_bias else 0
     counts = {
         "embedding": V * d,
         "value_embeds": len(ve) * V * cfg.resolved_n_kv_heads * cfg.resolved_head_dim,
         "prelude": blocks(0, p) + (d if cfg.looped and cfg.prelude_norm else 0),
         "injection": injection,
         "core": blocks(p, c),
-        "readout": d * d if cfg.looped and cfg.readout else 0,
+        "readout": (d * d if cfg.looped and cfg.readout else 0) + (d + 1 if cfg.exit_gate else 0),
         "coda": blocks(p + c, cfg.coda_layers),
         "head": d + (0 if cfg.tie_embeddings else V * d),  # final norm (+ untied head matrix)
     }
@@ -68,6 +73,7 @@ def param_breakdown(model: nn.Module) -> dict[str, int]:
         "injection": "injection",
         "core": "core",
         "readout": "readout",
+        "exit_gate": "readout",  # a readout of the state, too: the exit probability
         "coda": "coda",
         "final_norm": "head",
         "head": "head",
@@ -86,8 +92,8 @@ def unrolled_params(cfg: ModelConfig, loops: int) -> int:
 
 
 def _block_flops(cfg: ModelConfig, value_embed: bool, seq_len: int) -> int:
-    d = cfg.width
-    matrices = block_params(cfg, value_embed) - (4 if cfg.block_norm == "sandwich" else 2) * d
+    qk_bias = 2 * cfg.n_heads * cfg.resolved_head_dim if cfg.qk_bias else 0
+    matrices = block_params(cfg, value_embed) - _block_norm_params(cfg) - qk_bias
     return 2 * matrices + 4 * seq_len * cfg.n_heads * cfg.resolved_head_dim
 
 
@@ -108,6 +114,8 @@ def flops_parts(cfg: ModelConfig, loops: int, seq_len: int) -> dict[str, int]:
             per_loop += 2 * d * d
         if cfg.readout:
             once += 2 * d * d
+        if cfg.exit_gate:  # the gate reads the state after every loop
+            per_loop += 2 * d
     return {"once": once, "per_loop": per_loop}
 
 

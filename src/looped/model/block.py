@@ -1,4 +1,4 @@
-"""The transformer block shared by prelude, core and coda: pre-norm or sandwich-norm residual layout."""
+"""The transformer block shared by prelude, core and coda: pre-norm, sandwich or sandwich-residual layout."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ from looped.model.layers import MLP, Attention, RMSNorm
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x)); sandwich adds a norm on each branch output (Huginn)."""
+    """Two residual branches, attention then MLP, each reading norm(x) (`attn_norm`, `mlp_norm`). The second
+    norm of each branch (`attn_out_norm`, `mlp_out_norm`) depends on `model.block_norm`:
+    - pre-norm: none, x + f(norm(x));
+    - sandwich: on the branch output, x + norm(f(norm(x))) (Ouro);
+    - sandwich-residual: on the residual stream after the add, norm(x + f(norm(x))) (Huginn).
+    """
 
     def __init__(self, cfg: ModelConfig, value_embed: bool = False) -> None:
         super().__init__()
@@ -19,18 +24,20 @@ class Block(nn.Module):
         self.attn = Attention(cfg, value_embed)
         self.mlp_norm = RMSNorm(cfg.width, cfg.norm_eps)
         self.mlp = MLP(cfg)
-        sandwich = cfg.block_norm == "sandwich"
-        self.attn_out_norm = RMSNorm(cfg.width, cfg.norm_eps) if sandwich else None
-        self.mlp_out_norm = RMSNorm(cfg.width, cfg.norm_eps) if sandwich else None
+        second = cfg.block_norm != "pre-norm"
+        self.attn_out_norm = RMSNorm(cfg.width, cfg.norm_eps) if second else None
+        self.mlp_out_norm = RMSNorm(cfg.width, cfg.norm_eps) if second else None
+        self.residual_norm = cfg.block_norm == "sandwich-residual"
 
     def forward(
         self, x: torch.Tensor, rope: torch.Tensor, ve: torch.Tensor | None = None, kv: LayerKV | None = None
     ) -> torch.Tensor:
-        a = self.attn(self.attn_norm(x), rope, ve, kv)
-        if self.attn_out_norm is not None:
-            a = self.attn_out_norm(a)
-        x = x + a
-        m = self.mlp(self.mlp_norm(x))
-        if self.mlp_out_norm is not None:
-            m = self.mlp_out_norm(m)
-        return x + m
+        x = self._branch(x, self.attn(self.attn_norm(x), rope, ve, kv), self.attn_out_norm)
+        return self._branch(x, self.mlp(self.mlp_norm(x)), self.mlp_out_norm)
+
+    def _branch(self, x: torch.Tensor, out: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:
+        if norm is None:
+            return x + out
+        if self.residual_norm:
+            return norm(x + out)
+        return x + norm(out)

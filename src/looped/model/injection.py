@@ -4,7 +4,8 @@ Seen as a linear system h ← Ā·h + B̄·e (+ what the core blocks add), an in
 - `diagonal` (Parcae, arXiv 2604.12946): Ā = exp(−softplus(dt)·exp(A_log)) per channel, B̄ = softplus(dt)·B,
   so 0 ≤ Ā < 1 for every parameter value;
 - `linear` (Huginn, arXiv 2502.05171): h ← W·[h; e], Ā = W_h is unconstrained;
-- `additive`: h ← h + e, Ā = I, marginally stable at best.
+- `additive`: h ← h + e, Ā = I, marginally stable at best;
+- `none`: h ← h, e is only the initial state (Ouro loops its whole stack), Ā = I as for additive.
 The term in e does not change across loops, so `prepare(e)` computes it once and `step(h, u)` runs per loop.
 """
 
@@ -80,14 +81,16 @@ class LinearInjection(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.W = nn.Linear(2 * cfg.width, cfg.width, bias=False)
+        self.W = nn.Linear(2 * cfg.width, cfg.width, bias=cfg.injection_bias)
         self.d = cfg.width
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        pass  # initialised with the other hidden matrices
+        if self.W.bias is not None:  # the matrix is initialised with the other hidden matrices
+            self.W.bias.zero_()
 
     def prepare(self, e: torch.Tensor) -> torch.Tensor:
-        return F.linear(e, self.W.weight[:, self.d :])
+        return F.linear(e, self.W.weight[:, self.d :], self.W.bias)  # the bias is loop-invariant too
 
     def step(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.W.weight[:, : self.d]) + u
@@ -128,7 +131,38 @@ class AdditiveInjection(nn.Module):
         return torch.eye(self.d)
 
 
-INJECTIONS = {"diagonal": DiagonalInjection, "linear": LinearInjection, "additive": AdditiveInjection}
+class NoInjection(nn.Module):
+    """h ← h: nothing is injected; the caller starts the state at e (LoopedLM.initial_state)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.d = cfg.width
+
+    def reset_parameters(self) -> None:
+        pass
+
+    def prepare(self, e: torch.Tensor) -> None:
+        return None
+
+    def step(self, h: torch.Tensor, u: None) -> torch.Tensor:
+        return h
+
+    def select(self, u: None, rows: torch.Tensor) -> None:
+        return None
+
+    def spectral_radius(self) -> float:
+        return 1.0
+
+    def input_matrix(self) -> torch.Tensor:
+        return torch.zeros(self.d, self.d)
+
+
+INJECTIONS = {
+    "diagonal": DiagonalInjection,
+    "linear": LinearInjection,
+    "additive": AdditiveInjection,
+    "none": NoInjection,
+}
 
 
 def make_injection(cfg: ModelConfig) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,11 +72,49 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope_table(head_dim: int, max_len: int, base: float, device: torch.device | None = None) -> torch.Tensor:
-    """cos and sin of position·θ_i with θ_i = base^(-2i/head_dim); shape (2, max_len, head_dim // 2), float32."""
+def rope_table(
+    head_dim: int,
+    max_len: int,
+    base: float,
+    device: torch.device | None = None,
+    scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """cos and sin of position·θ_i with θ_i = base^(-2i/head_dim) (then `scale`d, e.g. `llama3_scaling`);
+    shape (2, max_len, head_dim // 2), float32."""
     theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    if scale is not None:
+        theta = scale(theta)
     angle = torch.arange(max_len, dtype=torch.float64, device=device)[:, None] * theta[None, :]
     return torch.stack([angle.cos(), angle.sin()]).float()
+
+
+def llama3_scaling(
+    factor: float, low_freq_factor: float, high_freq_factor: float, original_max_len: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Llama 3.1's long-context RoPE scaling of the frequencies θ: wavelengths 2π/θ shorter than
+    original_max_len / high_freq_factor are kept, those longer than original_max_len / low_freq_factor are
+    divided by `factor`, and those between are interpolated linearly in original_max_len / wavelength."""
+
+    def scale(theta: torch.Tensor) -> torch.Tensor:
+        wavelength = 2 * math.pi / theta
+        ratio = original_max_len / wavelength  # how many wavelengths fit the original context
+        smooth = ((ratio - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+        return (1 - smooth) * theta / factor + smooth * theta
+
+    return scale
+
+
+def model_rope_table(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """The rotary table of a model config: its base, head width, context and scaling."""
+    scale = None
+    if cfg.rope_scale_kind == "llama3":
+        scale = llama3_scaling(
+            cfg.rope_scale_factor,
+            cfg.rope_low_freq_factor,
+            cfg.rope_high_freq_factor,
+            cfg.rope_original_max_len,
+        )
+    return rope_table(cfg.resolved_head_dim, cfg.max_seq_len, cfg.rope_base, device, scale)
 
 
 def grid_side(length: int) -> int:
@@ -96,10 +135,12 @@ def rope_grid_table(head_dim: int, side: int, base: float) -> torch.Tensor:
     return torch.cat([rows, cols], dim=-1).reshape(2, side * side, head_dim // 2)
 
 
-def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of x (B, S, H, hd) by the angles in table (2, S, hd/2).
+def apply_rope(x: torch.Tensor, table: torch.Tensor, pairing: str = "interleaved") -> torch.Tensor:
+    """Rotate channel pairs of x (B, S, H, hd) by the angles in table (2, S, hd/2).
 
-    Interleaved pairs, as Parcae and Huginn lay out their complex rotary embedding (not the half-split of GPT-NeoX).
+    `pairing` "interleaved": adjacent channels (2i, 2i+1), as Parcae and Huginn lay out their complex rotary
+    embedding; "half": channels (i, i + hd/2), the "rotate half" of GPT-NeoX, Llama, Qwen and Ouro. Both
+    rotate pair i by the same angle; only which channels form the pair differs.
     As they do, a complex product (a + ib)·(c + is) = (ac − bs) + i(as + bc): one pass forward and one
     backward, where real arithmetic on the pairs takes seven strided passes. On CPU it is the real
     arithmetic bit for bit wherever the product vectorises (hd/2 a multiple of 8: head_dim 16, 32, 64,
@@ -115,6 +156,10 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     rotation = (
         rotation[None, :, None, :] if rotation.ndim == 2 else rotation[:, :, None, :]
     )  # (·, S, 1, hd/2)
+    if pairing == "half":
+        xf, h = x.float(), x.shape[-1] // 2
+        turned = torch.complex(xf[..., :h], xf[..., h:]) * rotation  # (B, S, H, hd/2)
+        return torch.cat([turned.real, turned.imag], dim=-1).type_as(x)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, S, H, hd/2)
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
@@ -128,6 +173,9 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.resolved_n_kv_heads, cfg.resolved_head_dim
         self.qk_norm, self.causal, self.window = cfg.qk_norm, cfg.causal, cfg.attn_window
         self.grid = cfg.layout == "grid"
+        self.pairing = cfg.rope_pairing
+        # Huginn's per-head bias on queries [0] and keys [1], added before RoPE: (2, 1, H, hd).
+        self.qk_bias = nn.Parameter(torch.zeros(2, 1, self.n_heads, self.hd)) if cfg.qk_bias else None
         self.wq = nn.Linear(cfg.width, self.n_heads * self.hd, bias=False)
         self.wk = nn.Linear(cfg.width, self.n_kv * self.hd, bias=False)
         self.wv = nn.Linear(cfg.width, self.n_kv * self.hd, bias=False)
@@ -148,7 +196,9 @@ class Attention(nn.Module):
         if self.ve_gate is not None and ve is not None:
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.gate_channels]))  # (B, S, n_kv)
             v = v + gate.unsqueeze(-1) * ve.view(B, S, self.n_kv, self.hd)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.qk_bias is not None:
+            q, k = q + self.qk_bias[0], k + self.qk_bias[1]
+        q, k = apply_rope(q, rope, self.pairing), apply_rope(k, rope, self.pairing)
         if self.qk_norm:
             # Parameter-free, default eps: rotation keeps the norm, so order against RoPE does not matter.
             q, k = rms_norm(q), rms_norm(k)

@@ -16,7 +16,7 @@ from looped.model import accounting
 from looped.model.block import Block
 from looped.model.injection import SpectralConstraint, make_injection, sigma_max
 from looped.model.kv import KVProvider
-from looped.model.layers import RMSNorm, grid_side, rope_grid_table, rope_table
+from looped.model.layers import RMSNorm, grid_side, model_rope_table, rope_grid_table
 
 
 @dataclass
@@ -83,13 +83,12 @@ class LoopedLM(nn.Module):
             self.readout = nn.Linear(cfg.width, cfg.width, bias=False) if cfg.readout else None
         else:
             self.prelude_norm = self.injection = self.readout = None
+        self.exit_gate = nn.Linear(cfg.width, 1) if cfg.exit_gate else None
         self.final_norm = RMSNorm(cfg.width, cfg.norm_eps)
         self.head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        self.register_buffer(
-            "rope", rope_table(cfg.resolved_head_dim, cfg.max_seq_len, cfg.rope_base), persistent=False
-        )
+        self.register_buffer("rope", model_rope_table(cfg), persistent=False)
         self._grid_tables: dict[int, torch.Tensor] = {}  # model.layout = "grid": rotary tables by side
         # Set by the trainer (a memory/compute trade-off, not part of the architecture).
         self.activation_checkpointing = False
@@ -117,6 +116,11 @@ class LoopedLM(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std)
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
+        for module in self.modules():
+            if getattr(module, "qk_bias", None) is not None:
+                module.qk_bias.zero_()
+        if self.exit_gate is not None:
+            self.exit_gate.bias.zero_()
         if self.injection is not None:
             self.injection.reset_parameters()
         if self.readout is not None and self.cfg.readout_init == "identity":
@@ -180,7 +184,8 @@ class LoopedLM(nn.Module):
         if embeds is not None:
             return embeds, {}
         ves = {int(i): emb(input_ids) for i, emb in self.value_embeds.items()}
-        return self.embed(input_ids), ves
+        x = self.embed(input_ids)
+        return (x * self.cfg.embed_scale if self.cfg.embed_scale != 1 else x), ves
 
     def rotary(self, length: int, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The rotary table for positions 0..length-1, (2, S, hd/2) — or, with `positions` (B, P), each
@@ -225,12 +230,22 @@ class LoopedLM(nn.Module):
             h = block(
                 h, inputs.rope, inputs.ves.get(p + i), None if kv is None else kv.layer("core", i, loop)
             )
+        if self.cfg.final_norm == "every-loop":  # Ouro: the normed state feeds the next loop and the head
+            h = self.final_norm(h)
         return h
+
+    def exit_logit(self, h: torch.Tensor) -> torch.Tensor:
+        """The exit gate's logit g of the state after a loop, (...,) float32: the loop's exit probability is
+        σ(g) times the probability that no earlier loop exited (`exit_probs`)."""
+        return self.exit_gate(h).squeeze(-1).float()
 
     def run_coda(
         self, h: torch.Tensor, rope: torch.Tensor, ves: dict[int, torch.Tensor], kv: KVProvider | None = None
     ) -> torch.Tensor:
-        """Readout (looped models with `model.readout`), then the coda blocks: (B, S, D) → (B, S, D)."""
+        """The state after the loop through the final norm (`final_norm = state-and-head`), the readout (looped
+        models with `model.readout`) and the coda blocks: (B, S, D) → (B, S, D)."""
+        if self.cfg.final_norm == "state-and-head":
+            h = self.final_norm(h)
         x = self.readout(h) if self.readout is not None else h
         offset = self.cfg.prelude_layers + self.cfg.core_layers
         for i, block in enumerate(self.coda):
@@ -238,8 +253,11 @@ class LoopedLM(nn.Module):
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm, head and the optional soft-cap: (..., D) → float32 logits (..., V)."""
-        logits = self.head(self.final_norm(x)).float()
+        """Final norm (unless every loop already ends with it), head and the optional soft-cap: (..., D) →
+        float32 logits (..., V)."""
+        if self.cfg.final_norm != "every-loop":
+            x = self.final_norm(x)
+        logits = self.head(x).float()
         if self.cfg.logit_softcap is not None:
             cap = self.cfg.logit_softcap
             logits = cap * torch.tanh(logits / cap)
@@ -273,13 +291,16 @@ class LoopedLM(nn.Module):
         return counts.to(device)
 
     def initial_state(self, e: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """The state before the first loop: zero, N(0, 1), or truncated normal at the init std.
+        """The state before the first loop: zero, N(0, 1), or truncated normal at the init std; with
+        `injection = none`, e itself.
 
         In training a random state is fresh noise each call. In eval mode it is a fixed function of the
         position, drawn once from `state_seed`, so evaluation is deterministic and a token decoded with a KV
         cache starts from the same state as in a full forward pass. `positions`: (B, S), default 0..S-1.
         """
         kind = self.cfg.state_init
+        if self.cfg.injection == "none":  # nothing is re-injected: the input itself starts the loop
+            return e.clone()
         if kind == "zero":
             return torch.zeros_like(e)
         if self.training:
@@ -339,6 +360,29 @@ class LoopedLM(nn.Module):
 
     def _checkpointed_step(self, h: torch.Tensor, inputs: LoopInputs) -> torch.Tensor:
         return torch.utils.checkpoint.checkpoint(self.loop_step, h, inputs, use_reentrant=False)
+
+    @torch.no_grad()
+    def exit_probs(self, input_ids: torch.Tensor, loops: int | None = None) -> torch.Tensor:
+        """The exit gate's distribution over loops, (B, S, T) (Ouro): loop i < T exits with probability
+        σ(g_i)·∏_{j<i}(1 − σ(g_j)), and the last loop takes what remains, ∏_{j<T}(1 − σ(g_j))."""
+        if self.exit_gate is None:
+            raise ValueError("exit_probs needs a model with an exit gate (model.exit_gate)")
+        x, ves = self.embed_inputs(input_ids)
+        rope = self.rotary(x.shape[1])
+        inputs = self.loop_inputs(self.run_prelude(x, rope, ves), rope, ves)
+        t_max = self.cfg.loops if loops is None else loops
+        h = self.initial_state(inputs.e)
+        survive = torch.ones(x.shape[:2], device=x.device)
+        probs = []
+        for t in range(t_max):
+            h = self.loop_step(h, inputs)
+            if t == t_max - 1:
+                probs.append(survive)
+            else:
+                lam = torch.sigmoid(self.exit_logit(h))
+                probs.append(lam * survive)
+                survive = survive * (1 - lam)
+        return torch.stack(probs, dim=-1)
 
     # ------------------------------------------------------------------ constraints and reports
     def constrained_weights(self) -> dict[str, nn.Parameter]:
