@@ -461,13 +461,32 @@ def test_integers_become_floats_in_optional_float_fields():
     assert type(cfg.logit_softcap) is float and type(cfg.init_std) is float
 
 
-def test_renamed_keys():
-    """Old checkpoints load under the new names; a config file or --set with an old name is told the new one."""
-    from looped.config import from_dict
-
+def test_renamed_keys(tmp_path):
+    """An old name reads as its new one wherever a config comes from: a checkpoint's config.toml (from_dict),
+    a config file and --set (load_config); what is saved afterwards uses the new name only."""
     cfg = from_dict({"loops": {"max_loops": 9}, "infer": {"max_loops": 7}})
     assert cfg.loops.max_sampled_loops == 9 and cfg.infer.max_request_loops == 7
-    with pytest.raises(ConfigError, match="loops.max_loops is now loops.max_sampled_loops"):
-        load_config(["debug"], ["loops.max_loops=9"])
-    with pytest.raises(ConfigError, match="infer.max_loops is now infer.max_request_loops"):
-        load_config(["debug"], ["infer.max_loops=9"])
+    cfg = load_config(["debug"], ["loops.max_loops=9", "infer.max_loops=7"])
+    assert cfg.loops.max_sampled_loops == 9 and cfg.infer.max_request_loops == 7
+    old = tmp_path / "old.toml"
+    old.write_text("[loops]\nmax_loops = 11\n\n[infer]\nmax_loops = 13\n")
+    cfg = load_config(["debug", old])
+    assert cfg.loops.max_sampled_loops == 11 and cfg.infer.max_request_loops == 13
+    assert "max_loops =" not in to_toml(cfg) and "max_request_loops = 13" in to_toml(cfg)
+    # precedence is unchanged: a later file or --set wins, whichever name each uses
+    new = tmp_path / "new.toml"
+    new.write_text("[infer]\nmax_request_loops = 5\n")
+    assert load_config([old, new]).infer.max_request_loops == 5
+    assert load_config([new], ["infer.max_loops=6"]).infer.max_request_loops == 6
+    with pytest.raises(ConfigError, match="unknown key loops.max_loop"):  # other misspellings still fail
+        load_config([], ["loops.max_loop=3"])
+
+
+def test_checkpoint_config_with_old_names_loads(tmp_path):
+    """A checkpoint saved before the renames (its config.toml says max_loops) loads through load_config, as
+    `looped serve`, `finetune` and `retrofit` read it, with its values under the new names."""
+    saved = to_toml(load_config(["debug"], ["loops.max_sampled_loops=12", "infer.max_request_loops=24"]))
+    saved = saved.replace("max_sampled_loops", "max_loops").replace("max_request_loops", "max_loops")
+    (tmp_path / "config.toml").write_text(saved)
+    cfg = load_config([tmp_path / "config.toml"], ["serve.port=9000"])
+    assert cfg.loops.max_sampled_loops == 12 and cfg.infer.max_request_loops == 24 and cfg.serve.port == 9000

@@ -88,17 +88,22 @@ class Config:
         return {name: getattr(self, name).to_dict() for name in self.SECTIONS}
 
 
-# Keys renamed since checkpoints were first written: (section, old) → new. A checkpoint's config.toml is read
-# with the new names; a config file or --set that uses an old name is told the new one.
+# Keys renamed since checkpoints were first written: (section, old) → new. An old name is read as its new
+# name wherever a config comes from (a checkpoint's config.toml, a config file, --set), so checkpoints and run
+# configs written before a rename keep working; what is saved afterwards uses the new name only.
 RENAMED = {("loops", "max_loops"): "max_sampled_loops", ("infer", "max_loops"): "max_request_loops"}
+
+
+def _current_name(section: str, key: str) -> str:
+    """The name section.key has now (`loops.max_loops` → `max_sampled_loops`); other keys are unchanged."""
+    return RENAMED.get((section, key), key)
 
 
 def _set_in(tree: dict[str, dict[str, Any]], section: str, key: str, value: Any, source: str) -> None:
     if section not in Config.SECTIONS:
         raise ConfigError(f"{source}: unknown section [{section}]{_closest(section, Config.SECTIONS)}")
     names = [f.name for f in dataclasses.fields(Config.SECTIONS[section])]
-    if (section, key) in RENAMED:
-        raise ConfigError(f"{source}: {section}.{key} is now {section}.{RENAMED[section, key]}")
+    key = _current_name(section, key)
     if key not in names:
         raise ConfigError(f"{source}: unknown key {section}.{key}{_closest(key, names)}")
     tree.setdefault(section, {})[key] = value
@@ -159,6 +164,7 @@ def load_config(files: typing.Sequence[str | Path] = (), overrides: typing.Seque
         if "." not in dotted:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. model.width=256")
         section, key = dotted.strip().split(".", 1)
+        key = _current_name(section, key)
         _set_in(tree, section, key, _override_value(section, key, text.strip()), "--set")
     return from_dict(tree)
 
