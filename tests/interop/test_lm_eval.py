@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import randomize_, require_optional, tiny
+from helpers import fixture_dir, randomize_, require_optional, tiny
 
 import looped
 from looped.data.tokenizer import Tokenizer
@@ -55,23 +55,19 @@ def native_loglikelihood(model, tok: Tokenizer, context: str, continuation: str,
     return sum(float(logp[n - 1 + i, t]) for i, t in enumerate(whole[n:]))
 
 
-def test_lm_eval_multiple_choice_matches_the_native_model(tmp_path, monkeypatch):
+def check_lm_eval(native, tok: Tokenizer, ckpt, tmp_path, monkeypatch, loops: int) -> None:
+    """Export `ckpt` (holding `native` and `tok`), run the task through lm-eval at `loops`, and check every
+    log-likelihood against the native model and the accuracy against those."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    texts = [d["question"] + " " + c for d in DOCS for c in d["choices"]] * 4
-    tok = Tokenizer.train_bpe(texts, vocab_size=300)
-    native = randomize_(looped.LoopedLM(tiny(vocab_size=tok.vocab_size)), seed=5).eval()
-    ckpt = looped.save(native, tmp_path / "ckpt")
-    tok.save(ckpt)
     out = export_hf(ckpt, tmp_path / "hf")
     write_task(tmp_path)
-
     results = simple_evaluate(
         model="hf",
-        model_args=f"pretrained={out},num_loops=2,dtype=float32,backend=causal",
+        model_args=f"pretrained={out},num_loops={loops},dtype=float32,backend=causal",
         tasks=[TASK],
         task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
         device="cpu",
@@ -85,7 +81,7 @@ def test_lm_eval_multiple_choice_matches_the_native_model(tmp_path, monkeypatch)
     for sample in samples:
         got = [float(r[0]) for r in sample["filtered_resps"]]
         expected = [
-            native_loglikelihood(native, tok, ctx, cont, loops=2) for ctx, cont in sample["arguments"]
+            native_loglikelihood(native, tok, ctx, cont, loops=loops) for ctx, cont in sample["arguments"]
         ]
         assert got == pytest.approx(expected, rel=1e-5, abs=1e-4), sample["doc"]
         correct.append(max(range(len(got)), key=got.__getitem__) == sample["doc"]["answer"])
@@ -97,3 +93,26 @@ def test_lm_eval_multiple_choice_matches_the_native_model(tmp_path, monkeypatch)
     )
     acc = results["results"][TASK]["acc,none"]
     assert acc == pytest.approx(sum(correct) / len(correct))
+
+
+def task_tokenizer() -> Tokenizer:
+    texts = [d["question"] + " " + c for d in DOCS for c in d["choices"]] * 4
+    return Tokenizer.train_bpe(texts, vocab_size=300)
+
+
+def test_lm_eval_multiple_choice_matches_the_native_model(tmp_path, monkeypatch):
+    tok = task_tokenizer()
+    native = randomize_(looped.LoopedLM(tiny(vocab_size=tok.vocab_size)), seed=5).eval()
+    ckpt = looped.save(native, tmp_path / "ckpt")
+    tok.save(ckpt)
+    check_lm_eval(native, tok, ckpt, tmp_path, monkeypatch, loops=2)
+
+
+def test_lm_eval_on_a_converted_ouro_checkpoint(tmp_path, monkeypatch):
+    """An imported family through the same path: Ouro's fixture converted, with a tokenizer of its vocabulary."""
+    from looped.interop.convert import convert
+
+    _, ckpt = convert(fixture_dir("ouro-tiny"), tmp_path / "ouro")
+    tok = task_tokenizer()  # 300 ids, within Ouro's 512
+    tok.save(ckpt)
+    check_lm_eval(looped.load(ckpt), tok, ckpt, tmp_path, monkeypatch, loops=3)
