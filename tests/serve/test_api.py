@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
+import shutil
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from conftest import MODEL, client_for, sample, scrape
 
 from looped.config import ServeConfig, load_config
 from looped.errors import ConfigError
+from looped.infer.engine import Engine
 from looped.serve.app import create_app
 from looped.serve.auth import PLACEHOLDER, hash_key
 from looped.serve.protocol import chat_prompt
@@ -409,3 +412,39 @@ def test_example_serve_config_with_own_keys(engine):
         assert post("free", loops=5).status_code == 400  # at most 4 loops per token
         assert post("pro", compute="best").status_code == 200
         assert post("pro", loops=16).status_code == 200
+
+
+def _served_engine(checkpoint, monkeypatch, capsys, overrides=()):
+    """The engine `looped serve CHECKPOINT --set ...` would serve (uvicorn.run is caught: nothing listens)."""
+    from looped.serve.app import serve
+
+    apps = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: apps.append(app))
+    serve(checkpoint, [], list(overrides))
+    assert "looped serve: model" in capsys.readouterr().out
+    return apps[0].state.scheduler.engine
+
+
+def test_serve_loads_a_checkpoint_saved_before_the_renames(trained, tmp_path, monkeypatch, capsys):
+    """A config.toml that says `max_loops` in [loops] and [infer] (written before the renames) serves, with
+    its values under the new names."""
+    old = tmp_path / "old"
+    shutil.copytree(trained, old)
+    text = (old / "config.toml").read_text()
+    text, n = re.subn(r"(?m)^max_request_loops = \d+$", "max_loops = 24", text)
+    assert n == 1 and "max_sampled_loops" not in text  # None (derived) is not written: add the old key
+    text = text.replace("[loops]\n", "[loops]\nmax_loops = 12\n", 1)
+    (old / "config.toml").write_text(text)
+    engine = _served_engine(old, monkeypatch, capsys)
+    assert engine.infer.max_request_loops == 24
+
+
+def test_serve_set_infer_reaches_the_engine(trained, monkeypatch, capsys):
+    """`looped serve … --set infer.kv_cache=per-loop` builds the engine's cache per loop (the engine is made
+    from the merged [infer], not the checkpoint's)."""
+    assert Engine.from_checkpoint(trained).kv_cache == "shared"
+    engine = _served_engine(
+        trained, monkeypatch, capsys, ["infer.kv_cache=per-loop", "infer.max_request_loops=20"]
+    )
+    assert engine.kv_cache == "per-loop" and engine.cache.mode == "per-loop"
+    assert engine.infer.max_request_loops == 20

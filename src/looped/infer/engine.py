@@ -150,23 +150,25 @@ class Engine:
         kv_cache: str | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        infer: InferConfig | None = None,
     ) -> Engine:
         """Load a checkpoint directory: weights, its tokenizer (checked against the model), [infer] defaults
         and the calibration profile `looped calibrate` stored there, if any.
 
         Args:
             path: The checkpoint directory.
-            kv_cache: "shared" or "per-loop"; None: the checkpoint's infer.kv_cache.
+            kv_cache: "shared" or "per-loop"; None: infer.kv_cache.
             device: "auto" (CUDA when available), "cpu", "cuda" or a torch.device; None: infer.device.
             dtype: "float32", "bfloat16" or a torch.dtype; None: infer.dtype.
+            infer: The [infer] settings (a server's, merged over the checkpoint's); None: the checkpoint's.
         """
         from looped.checkpoint import CheckpointError, check_tokenizer, load, load_config_dir
         from looped.data.tokenizer import Tokenizer
 
         path = Path(path)
-        cfg = load_config_dir(path)
-        device = resolve_device(device if device is not None else cfg.infer.device)
-        dtype = resolve_dtype(dtype if dtype is not None else cfg.infer.dtype)
+        infer = infer if infer is not None else load_config_dir(path).infer
+        device = resolve_device(device if device is not None else infer.device)
+        dtype = resolve_dtype(dtype if dtype is not None else infer.dtype)
         model = load(path, device=device, dtype=dtype)
         tokenizer = None
         if (path / "tokenizer.json").is_file():
@@ -174,7 +176,7 @@ class Engine:
             check_tokenizer(path, tokenizer, model.cfg.vocab_size)
         elif not (path / "config.toml").is_file():
             raise CheckpointError(f"{path}: not a looped checkpoint directory")
-        engine = cls(model, tokenizer, kv_cache=kv_cache, infer=cfg.infer, profile=Profile.load(path))
+        engine = cls(model, tokenizer, kv_cache=kv_cache, infer=infer, profile=Profile.load(path))
         engine.checkpoint = path
         return engine
 

@@ -175,10 +175,8 @@ def serve(
     load_config_dir(checkpoint)  # a clear error when it is not a checkpoint directory
     cfg = load_config([checkpoint / "config.toml", *files], overrides)
     Keyring(cfg.serve)  # a key left with the example's placeholder digest stops here, before the model loads
-    engine = Engine.from_checkpoint(
-        checkpoint, device=device or cfg.infer.device, dtype=dtype or cfg.infer.dtype
-    )
-    engine.infer = cfg.infer
+    # The engine is built from the merged [infer] (its kv_cache, device, dtype), not the checkpoint's alone
+    engine = Engine.from_checkpoint(checkpoint, device=device, dtype=dtype, infer=cfg.infer)
     app = create_app(engine, cfg.serve)
     host = host or cfg.serve.host
     port = port if port is not None else cfg.serve.port
