@@ -49,6 +49,25 @@ def test_each_stream_takes_its_own_loop_count():
     assert torch.allclose(model((images, text), loops=2).logits, model((images, text), loops=(2, 2)).logits)
 
 
+def test_two_stream_model_runs_in_bfloat16():
+    """`looped eval --dtype bfloat16` on a digit_names checkpoint: the vision stream's readout (float32) meets a
+    bfloat16 bridge, and the text logits agree with the float32 model's to bfloat16's precision."""
+    torch.manual_seed(0)
+    model = mm.TwoStreamModel(load_config(["vision"], SETS).model).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("attn.wo.weight", "mlp.w_out.weight")):
+                p.normal_(0, 0.05)
+    (images, text), _ = mm.batch("test", 4, seed=0)
+    with torch.no_grad():
+        full = model((images, text), loops=(2, 2)).logits
+        half = model.to(torch.bfloat16)((images.to(torch.bfloat16), text), loops=(2, 2)).logits
+        grid = mm.evaluate_multimodal(model, [1, 2], [2])
+    assert half.shape == full.shape and torch.isfinite(half).all()
+    assert torch.allclose(half.float(), full, atol=0.1, rtol=0.05)
+    assert set(grid["read"][2]) == {2}
+
+
 def test_train_and_eval_the_grid(tmp_path, capsys):
     import json
 

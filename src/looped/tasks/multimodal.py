@@ -134,7 +134,8 @@ class TwoStreamModel(nn.Module):
         v_loops, t_loops = loops if isinstance(loops, tuple | list) else (loops, loops)
         e = self.patch(patchify(images, IMAGE.patch)) + self.pos
         seen = self.vision(None, loops=v_loops, backprop_loops=backprop_loops, embeds=e).logits
-        prefix = self.bridge(seen)
+        # the vision readout comes back in float32 (as logits do); the bridge may be bfloat16 (`--dtype`)
+        prefix = self.bridge(seen.to(self.bridge.weight.dtype))
         embeds = torch.cat([prefix, self.text.embed(text)], dim=1)
         out = self.text(None, loops=t_loops, backprop_loops=backprop_loops, embeds=embeds)
         logits = out.logits[:, prefix.shape[1] :]
