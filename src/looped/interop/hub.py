@@ -189,7 +189,7 @@ def write_streaming(path: Path, entries: dict[str, Entry], dtype: torch.dtype) -
             t = entry.make()
             if tuple(t.shape) != entry.shape:
                 raise ConversionError(f"{name}: made shape {list(t.shape)}, planned {list(entry.shape)}")
-            f.write(t.to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+            f.write(t.to(dtype).contiguous().view(torch.uint8).numpy())  # the buffer itself, no copy
             del t
 
 
