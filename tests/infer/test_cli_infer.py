@@ -106,6 +106,11 @@ def test_calibrate_writes_a_profile_the_engine_uses(trained, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "measuring one now" not in captured.err  # the stored profile was used
     assert json.loads(captured.out)[0]["loops_per_token"][-1] == 64  # a generous target allows the cap
+    assert (profile["device"], profile["dtype"]) == ("cpu", "float32")
+    assert main([*argv, "--dtype", "bfloat16"]) == 0  # measured in float32: says nothing of bfloat16
+    err = capsys.readouterr().err
+    assert "calibration profile ignored: measured on cpu in float32, not on cpu in bfloat16" in err
+    assert "measuring one now" in err
 
 
 def test_chat_streams_replies_and_takes_commands(trained):

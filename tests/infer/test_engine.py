@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from helpers import randomize_, tiny
 
 from looped.checkpoint import CheckpointError
 from looped.data.tokenizer import Tokenizer
-from looped.infer.budget import LatencyController, Profile, loops_for_flops
+from looped.infer.budget import LatencyController, Profile, calibrate, loops_for_flops
 from looped.infer.engine import Compute, Engine
 from looped.model.lm import LoopedLM
 
@@ -164,7 +165,7 @@ def test_latency_controller_follows_the_machine():
 def test_engine_lowers_loops_when_steps_get_slower(model, monkeypatch):
     import looped.infer.engine as eng
 
-    engine = Engine(model, profile=Profile(fit={1: (1.0, 1.0)}))
+    engine = Engine(model, profile=Profile(fit={1: (1.0, 1.0)}, device="cpu", dtype="float32"))
     now = [0.0]
     slowdown = [1.0]
     real = eng.forward_cached
@@ -190,6 +191,34 @@ def test_engine_lowers_loops_when_steps_get_slower(model, monkeypatch):
     while engine.busy:
         engine.step()
     assert req.loops_used[-1] == 8
+
+
+def test_profile_from_another_device_or_dtype_is_ignored(model):
+    """Latencies measured on another device or dtype say nothing about this engine's: such a profile (or one
+    that does not say) is dropped with a notice, and max_ms_per_token calibrates afresh."""
+    fit = {1: (1.0, 1.0)}
+    for profile, why in [
+        (Profile(fit, device="cuda", dtype="float32"), "measured on cuda in float32, not on cpu in float32"),
+        (Profile(fit, device="cpu", dtype="bfloat16"), "measured on cpu in bfloat16, not on cpu in float32"),
+        (Profile(fit), "does not say which device and dtype"),
+    ]:
+        notes = []
+        engine = Engine(model, profile=profile, notice=notes.append)
+        assert engine.profile is None and engine.controller is None
+        assert len(notes) == 1 and "calibration profile ignored" in notes[0] and why in notes[0]
+    notes = []
+    here = Profile(fit, device="cpu", dtype="float32")
+    engine = Engine(model, profile=here, notice=notes.append)
+    assert engine.profile is here and engine.controller is not None and notes == []
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    assert Engine(bf16, profile=here, notice=notes.append).profile is None
+    assert "not on cpu in bfloat16" in notes[0]
+    fresh = calibrate(model, loops=[1, 2], tokens=2, repeats=1)
+    assert (fresh.device, fresh.dtype) == ("cpu", "float32")
+    assert Profile.from_dict(fresh.to_dict()) == fresh
+    fresh = calibrate(bf16, loops=[1, 2], tokens=2, repeats=1)  # its cache in the model's dtype
+    assert (fresh.device, fresh.dtype) == ("cpu", "bfloat16")
+    assert Engine(bf16, profile=fresh).profile is fresh
 
 
 def test_max_ms_without_a_profile_calibrates_once(model, capsys):

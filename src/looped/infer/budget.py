@@ -25,11 +25,24 @@ PROFILE = "calibration.json"
 
 @dataclass
 class Profile:
-    """Decode latency per step against loops, per batch size: ms ≈ fit[b][0] + fit[b][1]·T."""
+    """Decode latency per step against loops, per batch size: ms ≈ fit[b][0] + fit[b][1]·T, measured with the
+    model on `device` ("cpu", "cuda") in `dtype` ("float32", "bfloat16"); it predicts nothing elsewhere."""
 
     fit: dict[int, tuple[float, float]]
     measured: dict[int, dict[int, float]] = field(default_factory=dict)  # batch → {loops: ms}
     machine: dict = field(default_factory=dict)
+    device: str | None = None  # None: not recorded (a profile written before looped recorded it)
+    dtype: str | None = None
+
+    def mismatch(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why this profile does not describe a model on `device` in `dtype`, or None when it does. A profile
+        that does not say where it was measured describes nothing."""
+        device_here, dtype_here = device.type, str(dtype).removeprefix("torch.")
+        if self.device is None or self.dtype is None:
+            return "it does not say which device and dtype it was measured on"
+        if (self.device, self.dtype) != (device_here, dtype_here):
+            return f"measured on {self.device} in {self.dtype}, not on {device_here} in {dtype_here}"
+        return None
 
     def predict(self, batch: int, loops: float) -> float:
         """Milliseconds for one decode step of `batch` sequences at `loops` loops (nearest batch size measured,
@@ -46,6 +59,8 @@ class Profile:
             "fit": {str(b): list(v) for b, v in self.fit.items()},
             "measured": {str(b): {str(t): ms for t, ms in m.items()} for b, m in self.measured.items()},
             "machine": self.machine,
+            "device": self.device,
+            "dtype": self.dtype,
         }
 
     @classmethod
@@ -56,6 +71,8 @@ class Profile:
                 int(b): {int(t): float(ms) for t, ms in m.items()} for b, m in d.get("measured", {}).items()
             },
             machine=d.get("machine", {}),
+            device=d.get("device"),
+            dtype=d.get("dtype"),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -120,7 +137,8 @@ def calibrate(
     from looped.infer.forward import forward_cached
 
     model.eval()
-    device = next(model.parameters()).device
+    weight = next(model.parameters())
+    device = weight.device
     prompt_len = max(1, min(prompt_len, model.cfg.max_seq_len - tokens - 1))
     gen = torch.Generator().manual_seed(0)
     measured: dict[int, dict[int, float]] = {}
@@ -130,7 +148,8 @@ def calibrate(
         ids = torch.randint(0, model.cfg.vocab_size, (b, prompt_len + tokens), generator=gen).to(device)
         runs = []
         for _ in range(repeats):
-            cache = KVCache(model.cfg, kv_cache, rows=b, slots=prompt_len + tokens, device=device)
+            slots = prompt_len + tokens
+            cache = KVCache(model.cfg, kv_cache, rows=b, slots=slots, device=device, dtype=weight.dtype)
             forward_cached(model, cache, ids[:, :prompt_len], loops=t)
             start = time.perf_counter()
             for s in range(tokens):
@@ -141,7 +160,8 @@ def calibrate(
         measured.setdefault(b, {})[t] = sorted(runs)[len(runs) // 2]
         bar.set_postfix(batch=b, loops=t, ms=f"{measured[b][t]:.2f}")
     fit = {b: _linear_fit(list(m), list(m.values())) for b, m in measured.items()}
-    return Profile(fit=fit, measured=measured, machine=machine_info())
+    dtype = str(weight.dtype).removeprefix("torch.")
+    return Profile(fit=fit, measured=measured, machine=machine_info(), device=device.type, dtype=dtype)
 
 
 class LatencyController:

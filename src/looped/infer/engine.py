@@ -132,9 +132,15 @@ class Engine:
         p = next(model.parameters())
         self.device = p.device
         self.cache = KVCache(model.cfg, self.kv_cache, rows=4, slots=128, device=p.device, dtype=p.dtype)
+        self.notice = notice or (lambda msg: print(msg, file=sys.stderr))
+        why = profile.mismatch(p.device, p.dtype) if profile is not None else None
+        if why is not None:  # latencies measured elsewhere would pick the wrong loops for max_ms_per_token
+            self.notice(
+                f"calibration profile ignored: {why}; run `looped calibrate` with this device and dtype"
+            )
+            profile = None
         self.profile = profile
         self.controller = LatencyController(profile) if profile is not None else None
-        self.notice = notice or (lambda msg: print(msg, file=sys.stderr))
         self.clock = time.perf_counter
         self.waiting: list[Request] = []
         self.running: list[Request] = []
