@@ -10,6 +10,7 @@ import torch
 from helpers import randomize_, tiny
 
 from looped.checkpoint import CheckpointError
+from looped.config import InferConfig
 from looped.data.tokenizer import Tokenizer
 from looped.infer.budget import LatencyController, Profile, calibrate, loops_for_flops
 from looped.infer.engine import Compute, Engine
@@ -323,5 +324,37 @@ def test_min_loops_over_the_loops_asked_is_refused(model):
         engine.generate(PROMPTS[0], loops=3, min_loops=5, max_new_tokens=2)
     with pytest.raises(ValueError, match="min_loops = 5 is more than loops = 2"):
         engine.generate([PROMPTS[0], PROMPTS[1]], loops=[8, 2], min_loops=5, max_new_tokens=2)
+    assert not engine.busy  # the first prompt, which was fine, was not left queued
     out = engine.generate(PROMPTS[0], loops=5, min_loops=5, exit="kl:1e9", max_new_tokens=3, temperature=0)
     assert out.loops == [5, 5, 5]  # no token exits before min_loops, however loose the criterion
+    # loops that come from elsewhere than the call are not a licence to lower the caller's min_loops either
+    assert model.cfg.loops == 3
+    with pytest.raises(
+        ValueError, match=r"min_loops = 4 is more than loops = 3 \(the model's default loops\)"
+    ):
+        engine.generate(PROMPTS[0], min_loops=4, max_new_tokens=2)
+    budget = model.flops_per_token(2, 5) + 1  # 2 loops fit a 3-token prompt + 2 new tokens
+    with pytest.raises(
+        ValueError, match=r"more than loops = 2 \(the most loops that fit max_flops_per_token\)"
+    ):
+        engine.generate(PROMPTS[0], min_loops=3, max_flops_per_token=budget, max_new_tokens=2)
+    capped = Engine(model, infer=InferConfig(max_request_loops=2))
+    with pytest.raises(
+        ValueError, match=r"more than loops = 2 \(the model's default, capped by infer.max_request_loops\)"
+    ):
+        capped.generate(PROMPTS[0], min_loops=3, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"more than loops = 2 \(the most for max_ms_per_token, capped by"):
+        capped.generate(PROMPTS[0], min_loops=3, max_ms_per_token=1e6, max_new_tokens=2)
+    strict = Compute(min_loops=3, loop_cap=2, strict_min_loops=True)
+    with pytest.raises(ValueError, match=r"more than loops = 2 \(.*capped by the cap for this caller\)"):
+        engine.submit(PROMPTS[0], engine.sampling(max_new_tokens=2), strict)
+    assert not engine.busy  # a refused request leaves nothing queued, even the prompts before it in a batch
+    assert engine.generate(PROMPTS[0], max_flops_per_token=budget, min_loops=2, max_new_tokens=2).loops == [
+        2,
+        2,
+    ]
+    # the [infer] default min_loops is a default: lowered to the loops a request runs, as before
+    lenient = Engine(model, infer=InferConfig(min_loops=6))
+    assert lenient.generate(PROMPTS[0], exit="kl:1e9", max_new_tokens=2).loops == [3, 3]
+    assert lenient.generate(PROMPTS[0], loops=2, exit="kl:1e9", max_new_tokens=2).loops == [2, 2]
+    assert lenient.submit(PROMPTS[0], compute=Compute(min_loops=6, loop_cap=2)).min_loops == 2

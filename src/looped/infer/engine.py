@@ -40,6 +40,9 @@ class Compute:
     max_ms_per_token: float | None = None
     warm_start: bool = False
     loop_cap: int | None = None  # a cap below infer.max_request_loops (a server's per-key limit)
+    # True: min_loops is the caller's own, and one over the loops the request runs (asked for, the model's
+    # default, a budget's choice or a cap) is a ValueError; False: a default ([infer]), lowered to fit.
+    strict_min_loops: bool = False
 
 
 @dataclass
@@ -297,20 +300,24 @@ class Engine:
         if crit is not None and crit.needs_gate and self.model.exit_gate is None:
             raise ValueError(f"exit {crit!r} needs a model with an exit gate (model.exit_gate), as Ouro has")
         if compute.loops is not None:
-            loops = int(compute.loops)
+            loops, source = int(compute.loops), "the loops asked for"
             if not 1 <= loops <= cap:
                 raise ValueError(f"loops must lie in [1, {cap}] ({where}), got {compute.loops}")
         elif compute.max_flops_per_token is not None:
             seq_len = min(length, self.model.cfg.max_seq_len)
             loops = loops_for_flops(self.model, compute.max_flops_per_token, seq_len, cap)
+            source = f"capped by {where}" if loops == cap else "the most loops that fit max_flops_per_token"
         elif compute.max_ms_per_token is not None:
             if not compute.max_ms_per_token > 0:
                 raise ValueError(f"max_ms_per_token must be > 0, got {compute.max_ms_per_token}")
-            loops = cap
+            loops, source = cap, f"the most for max_ms_per_token, capped by {where}"
         else:
             loops = min(self.model.cfg.loops, cap)
+            source = "the model's default loops" if loops < cap else f"the model's default, capped by {where}"
         if compute.min_loops < 1:
             raise ValueError(f"min_loops must be ≥ 1, got {compute.min_loops}")
+        if compute.strict_min_loops and compute.min_loops > loops:
+            raise ValueError(f"min_loops = {compute.min_loops} is more than loops = {loops} ({source})")
         return loops, crit
 
     def _calibrate_now(self) -> None:
@@ -511,11 +518,6 @@ class Engine:
         per_loops = list(loops) if isinstance(loops, Sequence) else [loops] * len(prompts)
         if len(per_loops) != len(prompts):
             raise ValueError(f"{len(per_loops)} loop counts for {len(prompts)} prompts")
-        # An explicit min_loops over an explicit loop count would be lowered without a word: refuse it. (The
-        # [infer] default is lowered to fit, as a default should.)
-        short = [t for t in per_loops if t is not None and min_loops is not None and t < min_loops]
-        if short:
-            raise ValueError(f"min_loops = {min_loops} is more than loops = {min(short)}")
         params = self.sampling(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -526,22 +528,21 @@ class Engine:
             seed=seed,
         )
         exit = exit if exit is not None else (None if self.infer.exit == "none" else self.infer.exit)
-        requests = [
-            self.submit(
-                p,
-                params,
-                Compute(
-                    loops=t,
-                    exit=exit,
-                    min_loops=min_loops if min_loops is not None else self.infer.min_loops,
-                    max_flops_per_token=max_flops_per_token,
-                    max_ms_per_token=max_ms_per_token,
-                    warm_start=self.infer.warm_start if warm_start is None else warm_start,
-                ),
-                on_token,
+        computes = [
+            Compute(
+                loops=t,
+                exit=exit,
+                min_loops=min_loops if min_loops is not None else self.infer.min_loops,
+                max_flops_per_token=max_flops_per_token,
+                max_ms_per_token=max_ms_per_token,
+                warm_start=self.infer.warm_start if warm_start is None else warm_start,
+                strict_min_loops=min_loops is not None,  # the caller's own min_loops is never lowered
             )
-            for p, t in zip(prompts, per_loops, strict=True)
+            for t in per_loops
         ]
+        for p, c in zip(prompts, computes, strict=True):  # every request checked before any is queued
+            self.prepare(p, params, c)
+        requests = [self.submit(p, params, c, on_token) for p, c in zip(prompts, computes, strict=True)]
         while any(not r.finished for r in requests):
             self.step()
         results = [self.result(r) for r in requests]
