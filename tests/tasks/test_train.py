@@ -236,6 +236,26 @@ def test_task_training_stopped_midway_resumes_to_the_same_result(tmp_path, monke
     assert drop_time(again) == drop_time(full_log)
 
 
+def test_task_run_without_out_stopped_by_a_signal_says_nothing_was_kept(tmp_path, monkeypatch):
+    """With train.out unset the checkpoints live in a scratch directory removed at the end: a stopped run
+    says nothing was kept, rather than pointing --resume at a directory that no longer exists."""
+    import signal
+    import tempfile
+
+    from looped.train.state import TrainingStopped
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the scratch directory goes
+    cfg = small_task_config("")
+    assert not cfg.train.out
+    stop_at_call(monkeypatch, 2, lambda: signal.raise_signal(signal.SIGTERM))
+    with pytest.raises(TrainingStopped) as stopped:
+        train_task(cfg, "prefix_sums", 4, say=lambda m: None)
+    message = str(stopped.value)
+    assert "stopped at step 2" in message and "nothing was kept" in message and "train.out" in message
+    assert "looped-task-" not in message and "continues with --resume" not in message
+    assert list(tmp_path.iterdir()) == []  # the scratch directory is gone, as the message says
+
+
 def test_task_resume_refuses_another_tasks_run(tmp_path):
     from looped.config import ConfigError
 

@@ -289,10 +289,13 @@ def train_steps(
             state.tokens += tc.global_batch
             if state.step % tc.checkpoint_every == 0 or state.step == tc.steps or stop.requested:
                 checkpoint(state)
-            if stop.requested:
-                raise TrainingStopped(
-                    f"stopped at step {state.step}; the checkpoint in {run_dir} continues with --resume"
+            if stop.requested:  # without train.out, run_dir is scratch that train_task removes
+                kept = (
+                    f"the checkpoint in {run_dir} continues with --resume"
+                    if tc.out
+                    else "nothing was kept, as train.out is unset (set it to keep checkpoints --resume continues)"
                 )
+                raise TrainingStopped(f"stopped at step {state.step}; {kept}")
     model.eval()
     return log
 
