@@ -24,6 +24,8 @@ def _job(kind: str, x: int, mark: str = "") -> int:
         raise ValueError(f"bad {x}")
     if kind == "die":
         os._exit(3)
+    if kind == "interrupt":  # what the trainer raises on a second signal: stop now, without a checkpoint
+        raise KeyboardInterrupt
     if kind == "sleep":  # say which process runs the job, then sleep x seconds
         Path(mark, str(os.getpid())).touch()
         time.sleep(x)
@@ -37,6 +39,15 @@ def test_run_jobs_yields_results_failures_and_dead_workers():
     assert outcomes[0] == 4 and outcomes[3] == 25 and outcomes[4] == 36
     assert isinstance(outcomes[1], ValueError) and str(outcomes[1]) == "bad 1"
     assert isinstance(outcomes[2], WorkerExit) and outcomes[2].exitcode == 3 and not outcomes[2].interrupted
+
+
+def test_a_job_stopped_at_once_is_reported_as_interrupted_not_failed():
+    """A KeyboardInterrupt in a job (the trainer's answer to a second signal) ends the worker as interrupted
+    (exit 128 + SIGINT), so the run is reported as one to resume; the other jobs go on in new workers."""
+    outcomes = dict(run_jobs(_job, [("interrupt", 0), ("ok", 3), ("ok", 4)], parallel=1))
+    assert outcomes[1] == 9 and outcomes[2] == 16
+    assert isinstance(outcomes[0], WorkerExit), outcomes[0]
+    assert outcomes[0].exitcode == 128 + signal.SIGINT and outcomes[0].interrupted
 
 
 def test_workers_die_with_a_killed_parent(tmp_path):

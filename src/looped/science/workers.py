@@ -15,7 +15,9 @@ stops the workers, the way a batch scheduler (SIGTERM) or Ctrl-C (SIGINT) expect
   and no delay. Elsewhere a thread checks the parent's pid once a second. Either way the worker then
   checkpoints and exits like a signalled one.
 - A worker sent SIGINT/SIGTERM itself finishes its job as interrupted (the trainer checkpoints) and exits
-  instead of taking the next one; outside a training loop the signal ends it at once.
+  instead of taking the next one; outside a training loop the signal ends it at once. A second signal,
+  which makes the trainer stop at once (KeyboardInterrupt), ends the worker with 128 + SIGINT: the job is
+  reported as interrupted (resumable from its last checkpoint), not as failed.
 """
 
 from __future__ import annotations
@@ -220,6 +222,8 @@ def _serve(conn: Connection, parent: int, fn: Callable[..., Any]) -> None:
         index, args = job
         try:
             value = fn(*args)
+        except KeyboardInterrupt:  # a second signal stopped the trainer at once: interrupted, not failed
+            raise SystemExit(128 + signal.SIGINT) from None
         except Exception as e:  # the job failed; the worker carries on
             value = _picklable(e)
         leaving = signalled()
