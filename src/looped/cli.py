@@ -455,19 +455,14 @@ def _model_source(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _placement_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--device",
-        choices=DEVICES,
-        default=None,
-        help="where the model runs (default [infer] device: auto, CUDA when available)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default=None,
-        help="weights and activations (default [infer] dtype: float32)",
-    )
+def _placement_args(
+    p: argparse.ArgumentParser,
+    device_help: str = "where the model runs (default [infer] device: auto, CUDA when available)",
+    dtype_help: str = "weights and activations (default [infer] dtype: float32)",
+) -> None:
+    """--device and --dtype; a command whose defaults are not [infer]'s says its own in the help texts."""
+    p.add_argument("--device", choices=DEVICES, default=None, help=device_help)
+    p.add_argument("--dtype", choices=DTYPES, default=None, help=dtype_help)
 
 
 def _compute_args(p: argparse.ArgumentParser) -> None:
@@ -776,7 +771,11 @@ def _add_sweep_serve_export(sub: argparse._SubParsersAction) -> None:
     c.add_argument("checkpoint")
     c.add_argument("out")
     c.add_argument("--loops", type=_positive, default=None, help="num_loops in the exported config")
-    _placement_args(c)
+    _placement_args(
+        c,
+        device_help="where the weights are loaded while exporting (default: cpu)",
+        dtype_help="dtype of the exported weights (default: float32)",
+    )
     c.set_defaults(run=_export_hf)
 
 

@@ -163,6 +163,21 @@ def test_generate_in_bfloat16_on_the_cpu(trained, capsys):
     assert (record["device"], record["dtype"]) == ("cpu", "float32")  # the checkpoint's [infer] dtype
 
 
+def help_text(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--help"])
+    assert exc.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare words
+
+
+def test_export_help_says_its_own_device_and_dtype_defaults(capsys):
+    """export converts on the CPU in float32 (interop.hf.export_hf), not at the [infer] device and dtype."""
+    text = help_text(capsys, ["export", "hf"])
+    assert "while exporting (default: cpu)" in text and "exported weights (default: float32)" in text
+    assert "[infer]" not in text
+    assert "(default [infer] device: auto, CUDA when available)" in help_text(capsys, ["generate"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["calibrate", "--loops", "1"]])
 def test_cuda_without_cuda_is_one_line(trained, capsys, command):
