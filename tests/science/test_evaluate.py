@@ -40,7 +40,7 @@ def test_bits_per_byte_and_exit_rows(trained, tmp_path):
     assert result["bytes"] == result["tokens"]  # the bytes tokenizer: one byte per token
     for row in result["rows"]:
         assert row["bits_per_byte"] == pytest.approx(row["loss"] / math.log(2))
-    assert [r["max_loops"] for r in result["exit_rows"]] == [1, 4]
+    assert [r["loop_limit"] for r in result["exit_rows"]] == [1, 4]
     assert result["exit_rows"][0]["mean_loops"] == 1 and result["exit_rows"][1]["mean_loops"] < 4
     assert (tmp_path / "l.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -67,11 +67,11 @@ def test_bits_per_byte_counts_the_bytes_of_bpe_tokens():
 def test_cli_eval_with_exit(trained, capsys):
     assert main(["eval", str(trained), "--loops", "2,6", "--max-windows", "2", "--exit", "state:5e-2"]) == 0
     out = capsys.readouterr().out
-    assert "bits/byte" in out and "adaptive exit state:5e-2" in out and "mean loops" in out
+    assert "bits/byte" in out and "adaptive exit state:5e-2" in out and "loop limit mean loops" in out
     assert (
         main(["eval", str(trained), "--loops", "2", "--max-windows", "2", "--exit", "kl:1e-3", "--json"]) == 0
     )
-    assert json.loads(capsys.readouterr().out)["exit_rows"][0]["max_loops"] == 2
+    assert json.loads(capsys.readouterr().out)["exit_rows"][0]["loop_limit"] == 2
     assert main(["eval", str(trained), "--loops", "2", "--exit", "bogus:1"]) == 2
     assert "unknown exit criterion" in capsys.readouterr().err
 

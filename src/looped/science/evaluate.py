@@ -140,10 +140,10 @@ def evaluate_checkpoint(
     return result
 
 
-def _exit_row(max_loops: int, loss: float, mean_loops: float, bpb: Callable[[float], float]) -> dict:
+def _exit_row(loop_limit: int, loss: float, mean_loops: float, bpb: Callable[[float], float]) -> dict:
     """One row of the adaptive-exit table: a loop limit, the mean loops used under it and the loss."""
     return {
-        "max_loops": max_loops,
+        "loop_limit": loop_limit,
         "mean_loops": mean_loops,
         "loss": loss,
         "perplexity": perplexity(loss),
@@ -166,10 +166,10 @@ def format_eval(result: dict) -> str:
         lines.append(
             f"adaptive exit {result['exit']} ({result['kv_cache']} KV cache, decoded token by token):"
         )
-        lines.append(f"{'max':>6} {'mean loops':>10} {'loss':>8} {'ppl':>10} {'bits/byte':>10}")
+        lines.append(f"{'loop limit':>10} {'mean loops':>10} {'loss':>8} {'ppl':>10} {'bits/byte':>10}")
         for row in result["exit_rows"]:
             lines.append(
-                f"{row['max_loops']:>6} {row['mean_loops']:>10.2f} {row['loss']:>8.4f} {row['perplexity']:>10.2f}"
+                f"{row['loop_limit']:>10} {row['mean_loops']:>10.2f} {row['loss']:>8.4f} {row['perplexity']:>10.2f}"
                 f" {row['bits_per_byte']:>10.4f}"
             )
     if "plot" in result:
