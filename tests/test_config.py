@@ -406,7 +406,7 @@ def test_round_trip_floats_exactly(tmp_path_factory, eps, base, decay, layers):
 # ---------------------------------------------------------------- derived properties
 
 
-def test_kv_heads_and_dim_head():
+def test_n_kv_heads_and_head_dim():
     m = ModelConfig(width=128, n_heads=4)
     assert m.resolved_n_kv_heads == 4 and m.resolved_head_dim == 32
     m = ModelConfig(width=128, n_heads=8, n_kv_heads=2, head_dim=64)

@@ -1,7 +1,7 @@
 """KV caches for looped models: `per-loop` (one entry per (loop, core layer), memory ∝ loops) or `shared`
 (one entry per core layer, written by the last loop each position ran; memory does not depend on loops).
 
-Layout: every group of keys/values is a (rows, kv_heads, slots, dim_head) tensor. A row is one sequence; its
+Layout: every group of keys/values is a (rows, n_kv_heads, slots, head_dim) tensor. A row is one sequence; its
 tokens sit at slots 0, 1, ... in order, so sequences of different lengths share a batch without padding
 tricks, and rows can be taken and released while others keep decoding (the server's continuous batching).
 
@@ -207,13 +207,14 @@ class CacheView:
         view._r, view._s = self._r[index], self._s[index]
         return view
 
-    def layer(self, part: str, layer: int, loop: int = 0) -> LayerKV:
+    def layer(self, part: str, layer: int, loop: int = 0) -> CacheLayer:
         """The cache of one attention layer for this call (satisfies `looped.model.kv.KVProvider`)."""
-        return LayerKV(self, self.cache.group(part, layer, loop))
+        return CacheLayer(self, self.cache.group(part, layer, loop))
 
 
-class LayerKV:
-    """What an attention layer calls: store this call's keys and values, get back everything visible."""
+class CacheLayer:
+    """What an attention layer calls: store this call's keys and values, get back everything visible (the
+    `looped.model.kv.LayerKV` protocol)."""
 
     __slots__ = ("view", "kv")
 
@@ -223,8 +224,8 @@ class LayerKV:
     def update(
         self, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
-        """k, v: (B, P, kv_heads, dim_head) → keys, values (B, kv_heads, S, dim_head), the mask (B, 1, P, S)
-        or None, and whether attention is plain causal instead."""
+        """k, v: (B, P, n_kv_heads, head_dim) → keys, values (B, n_kv_heads, S, head_dim), the mask
+        (B, 1, P, S) or None, and whether attention is plain causal instead."""
         view = self.view
         K, V = self.kv
         if view.block is not None:  # rows 0..B-1 all writing the same slots: a plain copy

@@ -51,7 +51,8 @@ class LoopSampler:
         return self.cfg.resolved_backprop_loops
 
     def draw(self, step: int, n: int) -> torch.Tensor:
-        """Depths for the n sequences of the global batch at `step`: a (n,) LongTensor in [1, max_loops]."""
+        """Depths for the n sequences of the global batch at `step`: a (n,) LongTensor in
+        [1, loops.max_sampled_loops]."""
         gen = torch.Generator().manual_seed(step_seed(self.seed, step))
         mu = self.mean_at(step)
         m = n if self.cfg.per == "sequence" else 1
