@@ -30,7 +30,9 @@ class Dist:
         return self.world > 1
 
 
-def resolve_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
+def train_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
+    """The device a training process runs on: CUDA device `local_rank` for train.device "cuda" (or "auto" where
+    CUDA is available), else the CPU. (`looped.infer.engine.resolve_device` places models for inference.)"""
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ValueError("train.device = 'cuda' but no CUDA device is available")
@@ -43,7 +45,7 @@ def setup(cfg: TrainConfig) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(cfg, local_rank)
+    device = train_device(cfg, local_rank)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

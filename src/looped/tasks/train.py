@@ -28,7 +28,7 @@ import torch
 
 from looped.checkpoint import init_weights_from, read_run, save
 from looped.config import Config, ConfigError, from_dict
-from looped.distributed import Dist, resolve_device
+from looped.distributed import Dist, train_device
 from looped.model import accounting
 from looped.model.lm import LoopedLM
 from looped.tasks.generators import TASKS, check_size, exact_match, get_task, solved
@@ -242,7 +242,7 @@ def train_steps(
     0, every train.checkpoint_every steps, at the end and when SIGINT/SIGTERM asks to stop (which then
     raises TrainingStopped); `resume_from` continues from one. Leaves the model in eval mode."""
     tc = cfg.train
-    d = Dist(device=resolve_device(tc))
+    d = Dist(device=train_device(tc))
     model.to(d.device).train()
     opts = build_optimizers(model, cfg.optim)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
