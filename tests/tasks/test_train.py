@@ -253,7 +253,7 @@ def test_task_run_without_out_stopped_by_a_signal_says_nothing_was_kept(tmp_path
     message = str(stopped.value)
     assert "stopped at step 2" in message and "nothing was kept" in message and "train.out" in message
     assert "looped-task-" not in message and "continues with --resume" not in message
-    assert list(tmp_path.iterdir()) == []  # the scratch directory is gone, as the message says
+    assert list(tmp_path.glob("looped-task-*")) == []  # the scratch directory is gone, as the message says
 
 
 def test_task_resume_refuses_another_tasks_run(tmp_path):
