@@ -490,3 +490,11 @@ def test_checkpoint_config_with_old_names_loads(tmp_path):
     (tmp_path / "config.toml").write_text(saved)
     cfg = load_config([tmp_path / "config.toml"], ["serve.port=9000"])
     assert cfg.loops.max_sampled_loops == 12 and cfg.infer.max_request_loops == 24 and cfg.serve.port == 9000
+
+
+def test_a_key_that_is_not_a_digest_says_how_to_make_one():
+    """The hint is a command that works as written: --hash-key reads the key from stdin, not an argument."""
+    with pytest.raises(
+        ConfigError, match=r"64 lowercase hex digits \(`looped serve --hash-key < key\.txt`\)"
+    ):
+        from_dict({"serve": {"keys": [{"name": "me", "sha256": "my-secret-key"}]}})

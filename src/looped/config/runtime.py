@@ -116,7 +116,7 @@ class ServeConfig(Section):
             digest = key.get("sha256")
             if not isinstance(digest, str) or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
                 raise ConfigError(
-                    f"{where}.sha256 must be 64 lowercase hex digits (`looped serve --hash-key KEY`)"
+                    f"{where}.sha256 must be 64 lowercase hex digits (`looped serve --hash-key < key.txt`)"
                 )
             if not isinstance(key.get("name"), str) or key["name"] in names:
                 raise ConfigError(f"{where}.name must be a string, different for every key")
