@@ -334,14 +334,16 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _fit(args: argparse.Namespace) -> None:
-    from looped.science.fits import fit_results, format_fit
+    from looped.science.fits import fit_results, format_fit, save_fit
 
     fit = fit_results(args.results, bootstrap_samples=args.bootstrap, seed=args.seed)
+    saved = ""
     if args.out:
         from looped.science.plots import plot_fits
 
         fit.plots = [str(p) for p in plot_fits(fit, args.out)]
-    print(_json_or(args, fit.to_json(), lambda _: format_fit(fit)))
+        saved = f"\nwrote {save_fit(fit, args.out)}"
+    print(_json_or(args, fit.to_json(), lambda _: format_fit(fit) + saved))
 
 
 def _report(args: argparse.Namespace) -> None:

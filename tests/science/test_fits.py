@@ -307,3 +307,20 @@ def test_load_results_normalises_types(tmp_path):
     path.write_text(json.dumps({**GOOD, "loops": 2.0, "width": 64}) + "\n\n")
     (rec,) = load_results(path)
     assert rec["loops"] == 2 and isinstance(rec["loops"], int)
+
+
+def test_cli_fit_out_writes_fit_json_and_plots(tmp_path, capsys):
+    """`looped fit --out OUT` writes what its help says: OUT/fit.json (what --json prints) and the plots."""
+    from looped.cli import main
+
+    path = write_results(tmp_path / "results.jsonl", SWEEP)
+    out = tmp_path / "fit"
+    assert main(["fit", str(path), "--bootstrap", "5", "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / "fit.json").read_text())
+    assert saved == printed and saved["runs"] == 18 and saved["laws"]["unified"]["status"] == "fitted"
+    assert sorted(saved["plots"]) == sorted(
+        str(out / n) for n in ("fit_test_time.png", "fit_training.png", "fit_unified.png")
+    )
+    assert main(["fit", str(path), "--bootstrap", "5", "--out", str(out)]) == 0
+    assert f"wrote {out / 'fit.json'}" in capsys.readouterr().out

@@ -327,6 +327,17 @@ class FitResult:
         return out
 
 
+def save_fit(fit: FitResult, out: str | Path) -> Path:
+    """Write `fit.to_json()` (the plots drawn so far listed in it) to out/fit.json; returns the path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "fit.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(fit.to_json(), indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def fit_results(
     path: str | Path,
     bootstrap_samples: int = 200,
