@@ -13,6 +13,7 @@ import torch
 
 from looped.cli import main
 from looped.config import Config, from_dict, to_toml
+from looped.infer.budget import Profile
 from looped.infer.engine import Engine, resolve_device, resolve_dtype
 from looped.infer.session import chat
 
@@ -144,12 +145,77 @@ def test_engine_device_and_dtype_default_to_infer_config(trained, tmp_path):
     assert next(engine.model.parameters()).dtype == torch.float32
 
 
-def test_auto_device_is_cuda_when_available():
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+def test_auto_device_is_cuda_when_available(monkeypatch):
+    """ "auto" follows what torch reports, both ways (checked here whether or not this machine has a GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
     assert resolve_device("cpu") == torch.device("cpu")
     assert Config().infer.device == "auto" and Config().infer.dtype == "float32"
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("float8")
+
+
+def spy(monkeypatch, target: str, returns=None) -> list[dict]:
+    """Replace the library function `target` ("module.name") by one that records its keyword arguments and
+    returns `returns`; it keeps the real signature, which the CLI inspects (`_placement`)."""
+    import functools
+    import importlib
+
+    module, name = target.rsplit(".", 1)
+    real = getattr(importlib.import_module(module), name)
+    calls: list[dict] = []
+
+    @functools.wraps(real)
+    def fake(*args, **kwargs):
+        calls.append(kwargs)
+        return returns
+
+    monkeypatch.setattr(target, fake)
+    return calls
+
+
+PLACED = ["--device", "cuda", "--dtype", "bfloat16"]  # neither is a default, and a spy needs no GPU
+
+
+@pytest.mark.parametrize(
+    ("argv", "target", "returns"),
+    [
+        (["generate", "CKPT", "--prompt", "x"], "looped.infer.session.generate_records", []),
+        (["chat", "CKPT"], "looped.infer.session.chat", None),
+        (
+            ["calibrate", "CKPT", "--loops", "1,2"],
+            "looped.infer.session.calibrate_checkpoint",
+            (Profile(fit={1: (0.0, 1.0)}), Path("CKPT/calibration.json")),
+        ),
+        (["serve", "CKPT"], "looped.serve.app.serve", None),
+        (["eval", "CKPT", "--json"], "looped.tasks.train.evaluate_task_checkpoint", {"task": "x"}),
+        (["export", "hf", "CKPT", "OUT"], "looped.interop.hf.export_hf", Path("OUT")),
+    ],
+    ids=["generate", "chat", "calibrate", "serve", "eval-task", "export"],
+)
+def test_device_and_dtype_reach_the_library(monkeypatch, capsys, argv, target, returns):
+    """Each command hands --device and --dtype to the library function it calls, by keyword."""
+    calls = spy(monkeypatch, target, returns)
+    assert main([*argv, *PLACED]) == 0, capsys.readouterr().err
+    assert len(calls) == 1 and (calls[0]["device"], calls[0]["dtype"]) == ("cuda", "bfloat16")
+    assert (
+        main(argv) == 0
+    )  # not given: None or left out, so the library takes [infer]'s (or its own) defaults
+    assert (calls[1].get("device"), calls[1].get("dtype")) == (None, None)
+
+
+def test_device_and_dtype_reach_evaluate_checkpoint(monkeypatch, capsys):
+    """`looped eval` on a language model (not a task checkpoint) passes them to evaluate_checkpoint."""
+    spy(monkeypatch, "looped.tasks.train.evaluate_task_checkpoint", None)
+    calls = spy(monkeypatch, "looped.science.evaluate.evaluate_checkpoint", {"rows": []})
+    assert main(["eval", "CKPT", "--json", *PLACED]) == 0, capsys.readouterr().err
+    assert len(calls) == 1 and (calls[0]["device"], calls[0]["dtype"]) == ("cuda", "bfloat16")
 
 
 def test_generate_in_bfloat16_on_the_cpu(trained, capsys):
@@ -185,10 +251,21 @@ def test_cuda_without_cuda_is_one_line(trained, capsys, command):
     one_line_error(capsys, [name, str(trained), *rest, "--device", "cuda"], "CUDA is not available")
 
 
+@pytest.fixture
+def full_float32_matmuls():
+    """CUDA matmuls in full float32, as on the CPU, put back as they were afterwards. (monkeypatch.setattr
+    cannot undo this one: torch serves the flag through a module __getattr__, which pytest takes for an
+    instance attribute and deletes on undo.)"""
+    matmul = torch.backends.cuda.matmul
+    was = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    yield
+    matmul.allow_tf32 = was
+
+
 @pytest.mark.gpu
-def test_engine_generates_the_same_on_cuda_and_cpu(trained):
+def test_engine_generates_the_same_on_cuda_and_cpu(trained, full_float32_matmuls):
     """Greedy decoding, fixed loops and adaptive exit, in float32: the same tokens and loops on either device."""
-    torch.backends.cuda.matmul.allow_tf32 = False  # full float32 matmuls, as on the CPU
     kwargs = {"max_new_tokens": 24, "temperature": 0}
     runs = {}
     for device in ("cpu", "cuda"):
