@@ -80,6 +80,10 @@ def test_low_layers_import_only_what_is_below_them(package, allowed):
         ("looped.infer", ("looped.science", "looped.serve", "looped.train", "looped.cli")),
         ("looped.eval", ("looped.science", "looped.train")),
         ("looped.checkpoint", ("looped.infer", "looped.train", "looped.science", "looped.serve")),
+        (
+            "looped.data",
+            ("looped.model", "looped.train", "looped.infer", "looped.serve", "looped.science", "looped.cli"),
+        ),
     ],
 )
 def test_dependencies_point_one_way(package, forbidden):
@@ -91,6 +95,14 @@ def test_dependencies_point_one_way(package, forbidden):
         if any(_under(d, f) for f in forbidden)
     }
     assert not bad, f"{package} must not import {forbidden}: {sorted(bad)}"
+
+
+def test_nothing_imports_the_cli():
+    """cli.py is the top of the graph (argument parsing only): `python -m looped` (looped.__main__) is the one
+    module that may import it; a library module that did would be a dependency pointing up."""
+    users = sorted(m for m, deps in GRAPH.items() if "looped.cli" in deps and m != "looped.__main__")
+    assert not users, f"modules that import looped.cli: {users}"
+    assert "looped.cli" in GRAPH["looped.__main__"]  # the walker sees the one import there is
 
 
 def test_no_import_circles():
