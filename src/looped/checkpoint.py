@@ -182,14 +182,17 @@ def sha256(file: str | Path) -> str:
 def check_tokenizer(path: str | Path, tokenizer: Any, vocab_size: int) -> None:
     """Refuse a tokenizer that does not belong to the model in checkpoint `path`: another vocabulary size
     than `vocab_size`, or a tokenizer.json other than the one whose sha256 run.json recorded at training
-    time. `tokenizer` is anything with a `vocab_size` (a `looped.data.tokenizer.Tokenizer`)."""
+    time. A converted checkpoint (run.json names its `source_format`) may have fewer tokens than embedding
+    rows: released models pad their vocabulary. `tokenizer` is anything with a `vocab_size`."""
     path = Path(path)
-    if tokenizer.vocab_size != vocab_size:
+    run = read_run(path)
+    padded = run.get("source_format") is not None and tokenizer.vocab_size < vocab_size
+    if tokenizer.vocab_size != vocab_size and not padded:
         raise CheckpointError(
             f"{path / TOKENIZER} has {tokenizer.vocab_size} tokens but the model's vocabulary has "
             f"{vocab_size}: the tokenizer belongs to another model"
         )
-    recorded = read_run(path).get("tokenizer_sha256")
+    recorded = run.get("tokenizer_sha256")
     if recorded:
         actual = sha256(path / TOKENIZER)
         if actual != recorded:

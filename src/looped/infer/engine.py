@@ -11,6 +11,7 @@ budget and sampling; requests may join between decode steps (the server's contin
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ import torch
 from looped.config import InferConfig
 from looped.infer.budget import LatencyController, Profile, calibrate, loops_for_flops
 from looped.infer.cache import KV_MODES, KVCache
+from looped.infer.chat import ChatFormat
 from looped.infer.exit import ExitCriterion, parse_exit
 from looped.infer.forward import forward_cached
 from looped.infer.sampling import SamplingParams, find_stop, next_token
@@ -150,6 +152,10 @@ class Engine:
         self._ids = 0
         self._flops_cache: dict[tuple[int, int], float] = {}
         self.checkpoint: Path | None = None
+        # Ids that end a generation: the tokenizer's end of text, and a checkpoint's own eos ids.
+        eot = tokenizer.eot_id if tokenizer is not None else None
+        self.stop_ids: set[int] = {eot} if eot is not None else set()
+        self.chat_format = ChatFormat()  # the plain "Role: content" format; a checkpoint may carry its own
 
     @classmethod
     def from_checkpoint(
@@ -187,6 +193,8 @@ class Engine:
             raise CheckpointError(f"{path}: not a looped checkpoint directory")
         engine = cls(model, tokenizer, kv_cache=kv_cache, infer=infer, profile=Profile.load(path))
         engine.checkpoint = path
+        engine.chat_format = ChatFormat.from_checkpoint(path)
+        engine.stop_ids |= checkpoint_stop_ids(path, tokenizer)
         return engine
 
     # ------------------------------------------------------------------ requests
@@ -422,7 +430,7 @@ class Engine:
         req.loops_used.append(loops)
         req.state = state
         tok = self.tokenizer
-        if tok is not None and tok.eot_id is not None and token == tok.eot_id:
+        if token in self.stop_ids:
             req.finish_reason = "stop"
             self._emit(req, final=True)
             return
@@ -547,6 +555,25 @@ class Engine:
             self.step()
         results = [self.result(r) for r in requests]
         return results[0] if single else results
+
+
+def checkpoint_stop_ids(path: Path, tokenizer) -> set[int]:
+    """The end-of-sequence ids a converted checkpoint names: `eos_token_id` of generation_config.json (one
+    id or a list), and the tokenizer's id of tokenizer_config.json's `eos_token`."""
+    ids: set[int] = set()
+    file = path / "generation_config.json"
+    if file.is_file():
+        try:
+            eos = json.loads(file.read_text()).get("eos_token_id")
+        except json.JSONDecodeError:
+            eos = None
+        ids |= {e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)}
+    eos_text = ChatFormat.from_checkpoint(path).special.get("eos_token")
+    if tokenizer is not None and eos_text is not None:
+        found = tokenizer.hf.token_to_id(eos_text)
+        if found is not None:
+            ids.add(found)
+    return ids
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

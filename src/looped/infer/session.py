@@ -104,6 +104,10 @@ def format_profile(profile: Profile, path: Path) -> str:
 
 HELP = """commands: /loops N · /exit kl:1e-3 (or none) · /budget MS (or none) · /temperature X · /reset · /quit
 Each line you type is appended to the conversation and the model continues it."""
+HELP_TEMPLATED = HELP.replace(
+    "Each line you type is appended to the conversation and the model continues it.",
+    "Each line you type is a user message; the checkpoint's chat template formats the conversation.",
+)
 
 
 def chat(
@@ -138,15 +142,19 @@ def chat(
         "max_ms_per_token": max_ms_per_token,
         "temperature": temperature,
     }
+    # With the checkpoint's chat template the model ends its turn with its own end-of-turn token; the plain
+    # transcript has no such token, so a blank line ends a reply there.
+    templated = engine.chat_format.template is not None
     fixed = {
         "max_flops_per_token": max_flops_per_token,
         "min_loops": min_loops,
         "warm_start": warm_start,
         "max_new_tokens": max_new_tokens,
-        "stop": stop if stop is not None else ["\n\n"],
+        "stop": stop if stop is not None else ([] if templated else ["\n\n"]),
     }
-    print(HELP, file=out)
+    print(HELP if not templated else HELP_TEMPLATED, file=out)
     transcript = ""
+    messages: list[dict[str, str]] = []
     turn = 0
     while True:
         try:
@@ -158,7 +166,15 @@ def chat(
             if _command(line, settings, out):
                 return
             if line.strip() == "/reset":
-                transcript = ""
+                transcript, messages = "", []
+            continue
+        if templated:
+            answer = _reply_templated(
+                engine, [*messages, {"role": "user", "content": line}], settings, fixed, seed + turn, out
+            )
+            if answer is not None:
+                messages += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+                turn += 1
             continue
         reply = _reply(engine, transcript + line + "\n", settings, fixed, seed + turn, out)
         if reply is not None:
@@ -173,6 +189,33 @@ def _reply(
     transcript with the reply, or None after printing why a setting was refused."""
     room = engine.model.cfg.max_seq_len - fixed["max_new_tokens"] - 1
     ids = engine.tokenizer.encode(transcript)[-room:]
+    text = _generate(engine, ids, settings, fixed, seed, out)
+    return None if text is None else engine.tokenizer.decode(ids) + text + "\n"
+
+
+def _reply_templated(
+    engine: Engine, messages: list[dict[str, str]], settings: dict, fixed: dict, seed: int, out: TextIO
+) -> str | None:
+    """The assistant's answer to `messages` under the checkpoint's chat template (the oldest messages are
+    dropped until the prompt leaves room for the reply); None after printing why it could not run."""
+    room = engine.model.cfg.max_seq_len - fixed["max_new_tokens"] - 1
+    while True:
+        try:
+            ids = engine.tokenizer.encode(engine.chat_format.render(messages))
+        except ValueError as e:
+            print(f"error: {e}", file=out)
+            return None
+        if len(ids) <= room or len(messages) == 1:
+            break
+        messages = messages[1:]
+    return _generate(engine, ids[-room:], settings, fixed, seed, out)
+
+
+def _generate(
+    engine: Engine, ids: list[int], settings: dict, fixed: dict, seed: int, out: TextIO
+) -> str | None:
+    """Generate after `ids`, streaming to `out` and then the loops per token; the reply's text, or None after
+    printing why a setting was refused."""
 
     def stream(req, delta):
         out.write(delta)
@@ -192,7 +235,7 @@ def _reply(
         f"loops {' '.join(map(str, g.loops))}]",
         file=out,
     )
-    return engine.tokenizer.decode(ids) + text + "\n"
+    return text
 
 
 def _command(line: str, settings: dict, out: TextIO) -> bool:

@@ -109,7 +109,8 @@ class Handler:
         """Check a request in the order a client would fix it (key, body, tier, each prompt, rate) and queue
         its prompts; an `APIError` for the first problem. A refused request does not count against a rate."""
         key = self.keyring.identify(request.headers.get("authorization"))
-        ask = parse_request(kind, decode_body(await self._body(request)), self.cfg, self.name, self.defaults)
+        body = decode_body(await self._body(request))
+        ask = parse_request(kind, body, self.cfg, self.name, self.defaults, self.engine.chat_format)
         self.keyring.admit(key, ask)
         compute = self.keyring.compute(key, ask, self.engine.infer.max_request_loops)
         cap = compute.loop_cap

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from looped.config import ServeConfig
+from looped.infer.chat import ChatFormat, ChatTemplateError
 from looped.infer.engine import Compute, Generation
 from looped.infer.sampling import SamplingParams
 
@@ -157,18 +158,22 @@ def _prompts(body: dict) -> list[str | list[int]]:
     raise bad
 
 
-def chat_prompt(messages: Any) -> str:
-    """The text the model continues for a chat: one "Role: content" line per message, then "Assistant:"."""
+def chat_prompt(messages: Any, chat: ChatFormat | None = None) -> str:
+    """The text the model continues for a chat: the checkpoint's chat template applied to the messages, or
+    without one, one "Role: content" line per message, then "Assistant:"."""
     if not isinstance(messages, list) or not messages:
         raise APIError("'messages' must be a non-empty list of {role, content} objects", param="messages")
-    lines = []
+    checked = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise APIError(
                 f"messages[{i}] must be an object with role one of {', '.join(ROLES)}", param="messages"
             )
-        lines.append(f"{m['role'].capitalize()}: {_content(m.get('content'), f'messages[{i}].content')}")
-    return "\n".join(lines) + "\nAssistant:"
+        checked.append({"role": m["role"], "content": _content(m.get("content"), f"messages[{i}].content")})
+    try:
+        return (chat or ChatFormat()).render(checked)
+    except ChatTemplateError as e:
+        raise APIError(str(e), param="messages") from None
 
 
 def _content(content: Any, where: str) -> str:
@@ -209,8 +214,16 @@ def _exit(value: Any) -> str | None:
     )
 
 
-def parse_request(kind: str, body: dict, cfg: ServeConfig, model_name: str, defaults: SamplingParams) -> Ask:
-    """Check a /v1/completions (kind "completion") or /v1/chat/completions ("chat") body.
+def parse_request(
+    kind: str,
+    body: dict,
+    cfg: ServeConfig,
+    model_name: str,
+    defaults: SamplingParams,
+    chat: ChatFormat | None = None,
+) -> Ask:
+    """Check a /v1/completions (kind "completion") or /v1/chat/completions ("chat") body; a chat's
+    messages are formatted by `chat` (the checkpoint's template), or plainly without one.
 
     Raises:
         APIError: the first problem found, in the order: fields, model, prompt, unsupported options,
@@ -233,7 +246,7 @@ def parse_request(kind: str, body: dict, cfg: ServeConfig, model_name: str, defa
     elif "prompt" in body:
         raise APIError("chat completions take 'messages', not 'prompt'", param="prompt")
     else:
-        prompts = [chat_prompt(body.get("messages"))]
+        prompts = [chat_prompt(body.get("messages"), chat)]
     _refuse_unsupported(body)
     sampling = _sampling(kind, body, cfg, defaults)
     tier, compute, asked = _compute(body, cfg)
