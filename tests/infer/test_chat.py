@@ -117,3 +117,13 @@ def test_server_applies_the_chat_template(templated):
         assert r.status_code == 200
     plain = Engine(looped.load(ckpt), tok)  # no template: the plain format
     assert plain.chat_format.render(MESSAGES).endswith("Assistant:")
+
+
+def test_ids_past_a_smaller_tokenizer_are_never_generated(templated):
+    """A converted model whose vocabulary is padded past its tokenizer's never emits the padding ids."""
+    ckpt, tok = templated
+    engine = Engine.from_checkpoint(ckpt)
+    with torch.no_grad():  # make a padding row the model's favourite
+        engine.model.head.weight[tok.vocab_size + 5] = 100 * engine.model.head.weight.abs().max()
+    g = engine.generate("the cat", max_new_tokens=5, temperature=0)
+    assert g.token_ids and max(g.token_ids) < tok.vocab_size

@@ -426,6 +426,10 @@ class Engine:
         history = (
             torch.tensor(req.prompt_ids + req.generated) if req.sampling.repetition_penalty != 1 else None
         )
+        if self.tokenizer is not None and self.tokenizer.vocab_size < logits.shape[-1]:
+            # A padded vocabulary (released models round it up): ids past the tokenizer's are never text.
+            logits = logits.clone()
+            logits[..., self.tokenizer.vocab_size :] = float("-inf")
         token = next_token(logits, req.sampling, history, req.generator)
         req.loops_used.append(loops)
         req.state = state
