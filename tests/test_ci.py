@@ -21,6 +21,8 @@ PROBES = {
     "FIXTURES": "from helpers import fixture_dir\n\n\ndef test_probe():\n    fixture_dir('no-such-fixture')\n",
     "HF": "from helpers import require_optional\n\n\ndef test_probe():\n"
     "    require_optional('no_such_module_for_the_gate_test', 'test')\n",
+    "VLLM": "import os\n\nfrom helpers import vllm_python\n\n\ndef test_probe():\n"
+    "    os.environ['LOOPED_VLLM_PYTHON'] = '/no/such/python'\n    vllm_python()\n",
     "BROWSER": f"import sys\n\nsys.path.insert(0, {str(ROOT / 'tests' / 'serve')!r})\n"
     "from test_playground import browser  # noqa: E402, F401\n\n\ndef test_probe(browser):\n    pass\n",
 }

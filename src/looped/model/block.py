@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from looped.config import ModelConfig
-from looped.model.kv import LayerKV
+from looped.model.kv import LayerAttention, LayerKV
 from looped.model.layers import MLP, Attention, RMSNorm
 
 
@@ -30,7 +30,11 @@ class Block(nn.Module):
         self.residual_norm = cfg.block_norm == "sandwich-residual"
 
     def forward(
-        self, x: torch.Tensor, rope: torch.Tensor, ve: torch.Tensor | None = None, kv: LayerKV | None = None
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        ve: torch.Tensor | None = None,
+        kv: LayerKV | LayerAttention | None = None,
     ) -> torch.Tensor:
         x = self._branch(x, self.attn(self.attn_norm(x), rope, ve, kv), self.attn_out_norm)
         return self._branch(x, self.mlp(self.mlp_norm(x)), self.mlp_out_norm)

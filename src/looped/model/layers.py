@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from looped.config import ModelConfig
-from looped.model.kv import LayerKV
+from looped.model.kv import LayerAttention, LayerKV
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -185,7 +185,11 @@ class Attention(nn.Module):
         self.ve_gate = nn.Linear(self.gate_channels, self.n_kv, bias=False) if value_embed else None
 
     def forward(
-        self, x: torch.Tensor, rope: torch.Tensor, ve: torch.Tensor | None = None, kv: LayerKV | None = None
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        ve: torch.Tensor | None = None,
+        kv: LayerKV | LayerAttention | None = None,
     ) -> torch.Tensor:
         """x (B, S, D) → (B, S, D). With `kv` (a KV-cache layer, `looped.infer.cache`), this call's keys and
         values are stored and the queries attend to every cached key the cache makes visible."""
@@ -202,6 +206,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             # Parameter-free, default eps: rotation keeps the norm, so order against RoPE does not matter.
             q, k = rms_norm(q), rms_norm(k)
+        if kv is not None and hasattr(kv, "attend"):  # a LayerAttention: its kernel attends (vLLM)
+            return self.wo(kv.attend(q, k, v))
         if kv is None:
             band = None
             if self.window is not None and self.grid:  # |Δrow| ≤ window and |Δcolumn| ≤ window
