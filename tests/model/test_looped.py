@@ -272,3 +272,13 @@ def test_grid_layout_passes_information_on_in_two_dimensions():
     assert torch.equal(table[:, 5, :2], one_d[:, 1]) and torch.equal(table[:, 5, 2:], one_d[:, 2])  # (1, 2)
     with pytest.raises(ConfigError, match="grid"):
         tiny(layout="grid")  # a causal model
+
+
+def test_packed_inputs_are_not_a_sequence_length():
+    """An engine that packs several sequences into one row (vLLM) may pass more tokens than the context."""
+    model = LoopedLM(tiny(max_seq_len=8)).eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 12))
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
+        model.embed_inputs(ids)
+    x, _ = model.embed_inputs(ids, packed=True)
+    assert x.shape == (1, 12, model.cfg.width)

@@ -114,7 +114,9 @@ class LoopedVLLMModel(nn.Module):
         # order, prelude, then core (per loop, or once when shared), then coda.
         places = [("prelude", i, 0) for i in range(cfg.prelude_layers)]
         core_loops = self.loops if self.per_loop else 1
-        places += [("core", i, t) for t in range(core_loops) for i in range(cfg.core_layers)] if cfg.looped else []
+        places += (
+            [("core", i, t) for t in range(core_loops) for i in range(cfg.core_layers)] if cfg.looped else []
+        )
         places += [("coda", i, 0) for i in range(cfg.coda_layers)]
         self.index = {place: n for n, place in enumerate(places)}
         base = f"{prefix}.attn" if prefix else "attn"
@@ -131,7 +133,7 @@ class LoopedVLLMModel(nn.Module):
         )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x, _ = self.model.embed_inputs(input_ids[None])
+        x, _ = self.model.embed_inputs(input_ids[None], packed=True)
         return x[0]
 
     def forward(
@@ -146,7 +148,7 @@ class LoopedVLLMModel(nn.Module):
         if inputs_embeds is not None:
             x, ves = inputs_embeds[None], {}
         else:
-            x, ves = model.embed_inputs(input_ids[None])
+            x, ves = model.embed_inputs(input_ids[None], packed=True)
         pos = positions[None]
         rope = model.rotary(x.shape[1], pos)
         kv = _Layers(self.attn, self.index if self.per_loop else _shared(self.index))

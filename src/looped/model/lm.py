@@ -169,9 +169,11 @@ class LoopedLM(nn.Module):
     # The pieces of the forward pass. Every path that runs the model (training, `looped.Engine`'s cached
     # decoding, the Hugging Face wrapper) calls these; a cache comes in as a `KVProvider` (model/kv.py).
     def embed_inputs(
-        self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None = None
+        self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None = None, packed: bool = False
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Token embeddings (B, S, D), or `embeds` as given, and the value embeddings by layer index."""
+        """Token embeddings (B, S, D), or `embeds` as given, and the value embeddings by layer index.
+        `packed`: the S tokens are several sequences in one row (an engine such as vLLM packs them, with
+        positions of their own), so S is not a sequence length to check against the context."""
         if (input_ids is None) == (embeds is None):
             raise ValueError("give exactly one of input_ids and embeds")
         if embeds is not None and len(self.value_embeds):
@@ -179,7 +181,7 @@ class LoopedLM(nn.Module):
                 "embeds cannot be used with value embeddings (model.value_embeds), which need ids"
             )
         S = (input_ids if input_ids is not None else embeds).shape[1]
-        if S > self.cfg.max_seq_len:
+        if S > self.cfg.max_seq_len and not packed:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
         if embeds is not None:
             return embeds, {}

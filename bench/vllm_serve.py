@@ -1,0 +1,276 @@
+"""`looped serve` against vLLM with the looped plugin: the same checkpoint, the same load, the same machine.
+
+The load is bench/serve_load.py's: many concurrent clients (64 by default), each sending a few completion
+requests (prompts from Shakespeare, 32 tokens, temperature 0.8 with a seed, half of them streamed). vLLM
+runs one loop count per deployment, so both servers run the checkpoint's default loops and the requests
+carry no per-request compute fields. Tokens/s counts completion tokens of successful requests over the
+wall time of the whole load; latency is per request; TTFT from the streamed requests.
+
+    .venv/bin/python bench/vllm_serve.py [CHECKPOINT] [--clients 64] [--requests 2]
+
+Without a checkpoint it builds one: the demo preset's shape (width 192, head_dim 64, 1/2/1 layers, 4 loops)
+with random weights and the Shakespeare tokenizer. vLLM runs from .venv-vllm (make test builds it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_name, cpu_seconds, log  # noqa: E402
+from serve_load import PROMPTS, free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo_shaped_checkpoint(folder: Path) -> Path:
+    """A random model of the demo preset's shape with the Shakespeare BPE tokenizer."""
+    import looped
+    from looped.config import load_config
+    from looped.data.tokenizer import Tokenizer
+
+    data = folder / "data"
+    subprocess.run(
+        [sys.executable, "-m", "looped", "data", "prepare", "shakespeare", str(data)],
+        check=True,
+        capture_output=True,
+    )
+    cfg = load_config(["demo"], [])
+    tok = Tokenizer.load(data)
+    cfg.model.vocab_size = tok.vocab_size
+    model = looped.LoopedLM(cfg.model).eval()
+    ckpt = looped.save(model, folder / "ckpt", cfg)
+    tok.save(ckpt)
+    return ckpt
+
+
+def wait_ready(proc: subprocess.Popen, url: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited:\n{proc.stderr.read()[-4000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"the server did not start within {seconds:.0f} s")
+
+
+def start_looped(checkpoint: Path, clients: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "looped",
+        "serve",
+        str(checkpoint),
+        "--port",
+        str(port),
+    ]
+    cmd += [
+        "--set",
+        "infer.kv_cache=per-loop",
+        "--set",
+        "serve.max_batch=64",
+        "--set",
+        f"serve.queue_size={4 * clients}",
+        "--set",
+        "serve.request_timeout_s=3600",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(proc, url, 120)
+    return proc, url
+
+
+def start_vllm(hf: Path, loops: int, context: int) -> tuple[subprocess.Popen, str]:
+    python = ROOT / ".venv-vllm" / "bin" / "python"
+    if not python.is_file():
+        raise SystemExit(f"no vLLM environment at {python}: run make test (it builds .venv-vllm)")
+    port = free_port()
+    cmd = [
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(hf),
+        "--port",
+        str(port),
+        "--served-model-name",
+        "model",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        str(context),
+        "--hf-overrides",
+        json.dumps({"num_loops": loops, "kv_cache": "per-loop"}),
+    ]
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(proc, url, 600)
+    return proc, url
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, body: dict) -> dict:
+    """One completion in plain OpenAI terms (both servers speak them): tokens, latency, time to first token."""
+    body = {"model": model, **body}
+    start, first, tokens = time.perf_counter(), None, 0
+    try:
+        if body.get("stream"):
+            async with client.stream("POST", url + "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    return {"error": f"{r.status_code}: {(await r.aread()).decode()[:200]}"}
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    msg = json.loads(line[6:])
+                    if "error" in msg:
+                        return {"error": str(msg["error"])[:200]}
+                    if msg.get("choices") and msg["choices"][0].get("text"):
+                        first = first or time.perf_counter()
+                    if msg.get("usage"):
+                        tokens = msg["usage"]["completion_tokens"]
+        else:
+            r = await client.post(url + "/v1/completions", json=body)
+            if r.status_code != 200:
+                return {"error": f"{r.status_code}: {r.text[:200]}"}
+            tokens = r.json()["usage"]["completion_tokens"]
+    except httpx.HTTPError as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {
+        "latency": time.perf_counter() - start,
+        "ttft": None if first is None else first - start,
+        "tokens": tokens,
+    }
+
+
+async def load(url: str, model: str, clients: int, requests: int, max_tokens: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    plan = [
+        [
+            {
+                "prompt": rng.choice(PROMPTS),
+                "max_tokens": max_tokens,
+                "temperature": 0.8,
+                "seed": rng.randrange(1 << 30),
+                "stream": (stream := rng.random() < 0.5),
+                **({"stream_options": {"include_usage": True}} if stream else {}),
+            }
+            for _ in range(requests)
+        ]
+        for _ in range(clients)
+    ]
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+
+        async def run_client(bodies: list[dict]) -> list[dict]:
+            return [await one(client, url, model, b) for b in bodies]
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(run_client(p) for p in plan))
+        seconds = time.perf_counter() - start
+    flat = [r for rs in results for r in rs]
+    ok = [r for r in flat if "error" not in r]
+    lat = sorted(r["latency"] for r in ok)
+    ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None)
+
+    def pct(xs: list[float], q: float) -> float:
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+    return {
+        "requests": len(flat),
+        "errors": len(flat) - len(ok),
+        "error_examples": [r["error"] for r in flat if "error" in r][:3],
+        "tokens_per_s": sum(r["tokens"] for r in ok) / seconds,
+        "seconds": seconds,
+        "latency_p50": pct(lat, 0.5),
+        "latency_p99": pct(lat, 0.99),
+        "ttft_p50": pct(ttft, 0.5),
+        "ttft_p99": pct(ttft, 0.99),
+        "latency_mean": statistics.mean(lat) if lat else float("nan"),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="?")
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--requests", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    import looped
+    from looped.interop.hf import export_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(args.checkpoint) if args.checkpoint else demo_shaped_checkpoint(Path(tmp))
+        model = looped.load(ckpt)
+        loops, context = model.cfg.loops, model.cfg.max_seq_len
+        hf = export_hf(ckpt, Path(tmp) / "hf", num_loops=loops)
+        rows = {}
+        for name, start in (
+            ("looped serve", lambda: start_looped(ckpt, args.clients)),
+            ("vllm (looped plugin)", lambda: start_vllm(hf, loops, context)),
+        ):
+            log(f"{name}: starting")
+            proc, url = start()
+            try:
+                log(f"{name}: {args.clients} clients × {args.requests} requests, {args.max_tokens} tokens")
+                busy0, own0 = cpu_seconds()
+                rows[name] = asyncio.run(
+                    load(
+                        url,
+                        "model" if "vllm" in name else model_name(url),
+                        args.clients,
+                        args.requests,
+                        args.max_tokens,
+                        args.seed,
+                    )
+                )
+                busy1, own1 = cpu_seconds()
+                rows[name]["machine_cpu_s"] = busy1 - busy0
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+    print(
+        f"# looped serve vs vLLM · {time.strftime('%Y-%m-%d')} · {cpu_name()} · {os.cpu_count()} cores · "
+        f"{args.checkpoint or 'random demo-shaped model'} · {loops} loops, per-loop KV cache"
+    )
+    print(
+        f"# {args.clients} concurrent clients × {args.requests} requests, {args.max_tokens} tokens, half streamed"
+    )
+    print(
+        f"{'server':<22} {'requests':>8} {'errors':>6} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} "
+        f"{'TTFT p50':>9} {'TTFT p99':>9}"
+    )
+    for name, r in rows.items():
+        print(
+            f"{name:<22} {r['requests']:>8} {r['errors']:>6} {r['tokens_per_s']:>9.1f} {r['latency_p50']:>7.2f} "
+            f"{r['latency_p99']:>7.2f} {r['ttft_p50']:>9.2f} {r['ttft_p99']:>9.2f}"
+        )
+        for e in r["error_examples"]:
+            print(f"#   {name} error: {e}")
+
+
+def model_name(url: str) -> str:
+    return httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+
+
+if __name__ == "__main__":
+    main()
