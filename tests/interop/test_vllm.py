@@ -187,7 +187,6 @@ def test_vllm_serve_answers_the_openai_client(native, tokenizer):
         "float32",
         "--max-model-len",
         str(CONTEXT),
-        "--enforce-eager",
         "--served-model-name",
         "looped-tiny",
         "--hf-overrides",
