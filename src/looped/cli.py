@@ -249,6 +249,9 @@ def _generate(args: argparse.Namespace) -> None:
 
     from looped.infer.session import format_record, generate_records
 
+    if args.speculative is not None:
+        _generate_speculative(args)
+        return
     records = generate_records(
         args.checkpoint,
         args.prompt,
@@ -275,6 +278,48 @@ def _generate(args: argparse.Namespace) -> None:
     show = args.show_loops or args.exit is not None or args.max_ms_per_token is not None
     for r in records:
         print(format_record(args.prompt, r, show))
+
+
+def _generate_speculative(args: argparse.Namespace) -> None:
+    """`generate --speculative D:K`: greedy, the per-loop cache, fixed loops; other choices are refused."""
+    import json
+
+    from looped.infer.session import format_speculative, speculative_records
+
+    refused = {
+        "--exit": args.exit,
+        "--max-ms-per-token": args.max_ms_per_token,
+        "--max-flops-per-token": args.max_flops_per_token,
+        "--warm-start": args.warm_start or None,
+        "--min-loops": args.min_loops,
+        "--stop": args.stop,
+        "--top-k": args.top_k,
+        "--top-p": args.top_p,
+        "--repetition-penalty": args.repetition_penalty,
+    }
+    given = [flag for flag, value in refused.items() if value is not None]
+    if args.temperature not in (None, 0):
+        given.append("--temperature")
+    if args.kv_cache not in (None, "per-loop"):
+        given.append("--kv-cache shared")
+    if given:
+        raise ValueError(
+            f"--speculative decodes greedily at fixed loops with the per-loop cache; drop {', '.join(given)}"
+        )
+    records = speculative_records(
+        args.checkpoint,
+        args.prompt,
+        args.loops or [None],
+        args.speculative,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return
+    for r in records:
+        print(format_speculative(args.prompt, r))
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -655,6 +700,12 @@ def _add_generate_chat_calibrate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show-loops", action="store_true", help="print the loops each token ran")
+    p.add_argument(
+        "--speculative",
+        metavar="DRAFT_LOOPS:LOOKAHEAD",
+        help="self-speculative decoding: draft LOOKAHEAD tokens at DRAFT_LOOPS loops, verify them in one pass "
+        "at --loops (greedy, the same tokens as without it)",
+    )
     p.add_argument("--json", action="store_true", help="text, tokens, loops per token and timings as JSON")
     p.set_defaults(run=_generate)
 
