@@ -294,4 +294,6 @@ def test_generate_speculative_gives_the_plain_greedy_tokens(trained, capsys):
     one_line_error(capsys, [*args, "--speculative", "1:3", "--exit", "kl:1e-3"], "drop --exit")
     one_line_error(capsys, [*args, "--speculative", "1:3", "--temperature", "0.7"], "drop --temperature")
     one_line_error(capsys, [*args, "--speculative", "three"], "DRAFT_LOOPS:LOOKAHEAD")
-    one_line_error(capsys, [*args, "--loops", "1", "--speculative", "1:3"], "draft_loops must lie in [1, loops)")
+    one_line_error(
+        capsys, [*args, "--loops", "1", "--speculative", "1:3"], "draft_loops must lie in [1, loops)"
+    )
