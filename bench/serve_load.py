@@ -99,7 +99,19 @@ async def one(client: httpx.AsyncClient, url: str, model: str, body: dict) -> di
     return {"latency": end - start, "ttft": None if first is None else first - start, "tokens": tokens}
 
 
-async def load(url: str, model: str, clients: int, requests: int, max_tokens: int, seed: int) -> dict:
+async def load(
+    url: str,
+    model: str,
+    clients: int,
+    requests: int,
+    max_tokens: int,
+    seed: int,
+    shapes: list[dict] = SHAPES,
+    send=None,
+) -> dict:
+    """`clients` concurrent clients sending `requests` each; `shapes` are the per-request compute fields to
+    mix in, `send(client, url, model, body)` sends one request (default `one`, which reads looped's fields)."""
+    send = send or one
     rng = random.Random(seed)
     plan = [
         [
@@ -109,7 +121,7 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
                 "temperature": 0.8,
                 "seed": rng.randrange(1 << 30),
                 "stream": rng.random() < 0.5,
-                **rng.choice(SHAPES),
+                **rng.choice(shapes),
             }
             for _ in range(requests)
         ]
@@ -119,7 +131,7 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
     async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
 
         async def run_client(bodies: list[dict]) -> list[dict]:
-            return [await one(client, url, model, b) for b in bodies]
+            return [await send(client, url, model, b) for b in bodies]
 
         start = time.perf_counter()
         results = await asyncio.gather(*(run_client(p) for p in plan))

@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +28,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_name, cpu_seconds, log  # noqa: E402
-from serve_load import PROMPTS, free_port  # noqa: E402
+from serve_load import free_port, load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,6 +128,8 @@ def start_vllm(hf: Path, loops: int, context: int) -> tuple[subprocess.Popen, st
 async def one(client: httpx.AsyncClient, url: str, model: str, body: dict) -> dict:
     """One completion in plain OpenAI terms (both servers speak them): tokens, latency, time to first token."""
     body = {"model": model, **body}
+    if body.get("stream"):  # the last chunk then carries the usage (both servers honour it)
+        body["stream_options"] = {"include_usage": True}
     start, first, tokens = time.perf_counter(), None, 0
     try:
         if body.get("stream"):
@@ -160,53 +160,6 @@ async def one(client: httpx.AsyncClient, url: str, model: str, body: dict) -> di
     }
 
 
-async def load(url: str, model: str, clients: int, requests: int, max_tokens: int, seed: int) -> dict:
-    rng = random.Random(seed)
-    plan = [
-        [
-            {
-                "prompt": rng.choice(PROMPTS),
-                "max_tokens": max_tokens,
-                "temperature": 0.8,
-                "seed": rng.randrange(1 << 30),
-                "stream": (stream := rng.random() < 0.5),
-                **({"stream_options": {"include_usage": True}} if stream else {}),
-            }
-            for _ in range(requests)
-        ]
-        for _ in range(clients)
-    ]
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
-
-        async def run_client(bodies: list[dict]) -> list[dict]:
-            return [await one(client, url, model, b) for b in bodies]
-
-        start = time.perf_counter()
-        results = await asyncio.gather(*(run_client(p) for p in plan))
-        seconds = time.perf_counter() - start
-    flat = [r for rs in results for r in rs]
-    ok = [r for r in flat if "error" not in r]
-    lat = sorted(r["latency"] for r in ok)
-    ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None)
-
-    def pct(xs: list[float], q: float) -> float:
-        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
-
-    return {
-        "requests": len(flat),
-        "errors": len(flat) - len(ok),
-        "error_examples": [r["error"] for r in flat if "error" in r][:3],
-        "tokens_per_s": sum(r["tokens"] for r in ok) / seconds,
-        "seconds": seconds,
-        "latency_p50": pct(lat, 0.5),
-        "latency_p99": pct(lat, 0.99),
-        "ttft_p50": pct(ttft, 0.5),
-        "ttft_p99": pct(ttft, 0.99),
-        "latency_mean": statistics.mean(lat) if lat else float("nan"),
-    }
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?")
@@ -233,15 +186,9 @@ def main() -> None:
             try:
                 log(f"{name}: {args.clients} clients × {args.requests} requests, {args.max_tokens} tokens")
                 busy0, own0 = cpu_seconds()
+                served = "model" if "vllm" in name else model_name(url)
                 rows[name] = asyncio.run(
-                    load(
-                        url,
-                        "model" if "vllm" in name else model_name(url),
-                        args.clients,
-                        args.requests,
-                        args.max_tokens,
-                        args.seed,
-                    )
+                    load(url, served, args.clients, args.requests, args.max_tokens, args.seed, [{}], one)
                 )
                 busy1, own1 = cpu_seconds()
                 rows[name]["machine_cpu_s"] = busy1 - busy0
