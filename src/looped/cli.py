@@ -298,13 +298,11 @@ def _generate_speculative(args: argparse.Namespace) -> None:
         "--repetition-penalty": args.repetition_penalty,
     }
     given = [flag for flag, value in refused.items() if value is not None]
-    if args.temperature not in (None, 0):
-        given.append("--temperature")
     if args.kv_cache not in (None, "per-loop"):
         given.append("--kv-cache shared")
     if given:
         raise ValueError(
-            f"--speculative decodes greedily at fixed loops with the per-loop cache; drop {', '.join(given)}"
+            f"--speculative decodes at fixed loops with the per-loop cache (greedy or by temperature); drop {', '.join(given)}"
         )
     records = speculative_records(
         args.checkpoint,
@@ -312,6 +310,8 @@ def _generate_speculative(args: argparse.Namespace) -> None:
         args.loops or [None],
         args.speculative,
         max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
         device=args.device,
         dtype=args.dtype,
     )

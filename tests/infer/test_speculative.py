@@ -57,3 +57,52 @@ def test_stop_ids_and_refusals(model):
         )
     with pytest.raises(ValueError, match="draft_loops"):
         generate_speculative(model, PROMPT, loops=4, draft_loops=4, lookahead=2, max_new_tokens=4)
+
+
+def _joint(model, prompt, loops, temperature):
+    """The exact distribution of the first two sampled tokens at `loops`: p(t1)·p(t2 | t1), (V, V)."""
+    with torch.no_grad():
+        first = torch.softmax(model(torch.tensor([prompt]), loops=loops).logits[0, -1] / temperature, -1)
+        V = first.shape[0]
+        rows = torch.tensor([prompt + [t] for t in range(V)])
+        second = torch.softmax(model(rows, loops=loops).logits[:, -1] / temperature, -1)  # (V, V)
+    return first[:, None] * second
+
+
+def _chi2(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    keep = expected > 0
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+def test_sampling_keeps_the_verifiers_distribution(monkeypatch):
+    """Pairs of tokens sampled speculatively (drafts at 1 loop, verified at 4) follow the 4-loop model's own
+    joint distribution; accepting every draft instead follows another one, and the same test tells."""
+    import looped.infer.speculative as spec
+
+    m = randomize_(LoopedLM(tiny(vocab_size=6, state_init="zero")), seed=11).eval()
+    prompt, n, temperature = [1, 2, 3], 1000, 1.0
+    expected = _joint(m, prompt, 4, temperature) * n
+
+    def counts() -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        c = torch.zeros(6, 6)
+        for _ in range(n):
+            out = generate_speculative(
+                m,
+                prompt,
+                loops=4,
+                draft_loops=1,
+                lookahead=2,
+                max_new_tokens=2,
+                temperature=temperature,
+                generator=gen,
+            )
+            c[out.token_ids[0], out.token_ids[1]] += 1
+        return c
+
+    threshold = 66.6  # χ² with 35 degrees of freedom at p = 0.001
+    assert _chi2(counts(), expected) < threshold
+    draft_only = _joint(m, prompt, 1, temperature) * n
+    assert _chi2(draft_only, expected) > 4 * threshold  # the two distributions are far apart
+    monkeypatch.setattr(spec._Picker, "accept", lambda self, drafts, q, p: (len(drafts), self.sample(p[-1])))
+    assert _chi2(counts(), expected) > threshold  # always keeping the drafts is caught

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+import torch
+
 from looped.infer.budget import Profile, calibrate
 from looped.infer.engine import Engine, Generation
 
@@ -53,10 +55,12 @@ def speculative_records(
     speculative: str,
     *,
     max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    seed: int = 0,
     device: str | None = None,
     dtype: str | None = None,
 ) -> list[dict]:
-    """Greedy continuations of `prompt` (`max_new_tokens`, None: [infer]'s) by self-speculative decoding (`looped.infer.speculative`): drafts at
+    """Continuations of `prompt` (`max_new_tokens`, `temperature`; None: [infer]'s) by self-speculative decoding (`looped.infer.speculative`): drafts at
     DRAFT_LOOPS, verified LOOKAHEAD at a time at each of `loops` (None: the model's default); the same
     tokens as plain greedy decoding with the per-loop cache, in less time when the drafts agree."""
     import time
@@ -68,6 +72,7 @@ def speculative_records(
     ids = engine.tokenizer.encode(prompt)
     if max_new_tokens is None:
         max_new_tokens = engine.infer.max_new_tokens
+    temperature = engine.infer.temperature if temperature is None else temperature
     records = []
     for t in loops:
         t = t or engine.model.cfg.loops
@@ -80,11 +85,14 @@ def speculative_records(
             lookahead=ahead,
             max_new_tokens=max_new_tokens,
             stop_ids=engine.stop_ids,
+            temperature=temperature,
+            generator=torch.Generator().manual_seed(seed),
         )
         seconds = time.perf_counter() - start
         records.append(
             {
                 "loops": t,
+                "temperature": temperature,
                 "speculative": {"draft_loops": draft, "lookahead": ahead, "acceptance": out.acceptance},
                 "kv_cache": "per-loop",
                 "tokens": len(out.token_ids),

@@ -55,8 +55,10 @@ def generate_speculative(
     max_new_tokens: int,
     stop_ids: set[int] | frozenset[int] = frozenset(),
     kv_cache: str = "per-loop",
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> SpeculativeResult:
-    """Greedy decoding of one prompt at `loops` loops, drafting `lookahead` tokens at a time at `draft_loops`.
+    """Decode one prompt at `loops` loops, drafting `lookahead` tokens at a time at `draft_loops`.
 
     Args:
         model: a causal LoopedLM in eval mode.
@@ -66,6 +68,12 @@ def generate_speculative(
         lookahead: drafts per verify pass (≥ 1).
         max_new_tokens: the most tokens to generate; a token in `stop_ids` ends generation (not included).
         kv_cache: "per-loop" (the only layout where a parallel verify equals token-by-token decoding).
+        temperature: 0 decodes greedily (the plain greedy tokens). Above 0 drafts are sampled from the
+            draft distribution q and kept with probability min(1, p/q) under the verifier's p; the first one
+            refused is replaced by a sample of the normalised residual max(0, p − q), and when all are kept
+            one more token comes from p. Each token is then distributed exactly as sampling at `loops`
+            (Leviathan et al. 2023, arXiv 2211.17192; Chen et al. 2023, arXiv 2302.01318).
+        generator: the random source for sampling.
     """
     if kv_cache != "per-loop":
         raise ValueError(
@@ -76,62 +84,95 @@ def generate_speculative(
         raise ValueError(f"draft_loops must lie in [1, loops), got {draft_loops} with loops = {loops}")
     if lookahead < 1:
         raise ValueError(f"lookahead must be ≥ 1, got {lookahead}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+    pick = _Picker(temperature, generator)
     device = model.embed.weight.device
-    dtype = model.embed.weight.dtype
     cache = KVCache(
         model.cfg,
         kv_cache,
         rows=1,
         slots=len(prompt) + max_new_tokens + lookahead + 1,
         device=device,
-        dtype=dtype,
+        dtype=model.embed.weight.dtype,
     )
     out = forward_cached(model, cache, torch.tensor([prompt], device=device), loops=loops)
     result = SpeculativeResult(token_ids=[])
-    token = int(out.logits[0].argmax())
-    while True:
-        if token in stop_ids:
-            break
+    token = pick.sample(pick.probs(out.logits[0]))
+    while token not in stop_ids:
         result.token_ids.append(token)
         room = max_new_tokens - len(result.token_ids)
         if room <= 0:
             break
-        drafts = _draft(model, cache, token, draft_loops, min(lookahead, room))
-        verified = _verify(model, cache, token, drafts, loops)  # the verifier's choice after each input
-        n = 0
-        while n < len(drafts) and drafts[n] == verified[n]:
-            n += 1
+        drafts, q = _draft(model, cache, token, draft_loops, min(lookahead, room), pick)
+        p = pick.probs(
+            _verify(model, cache, token, drafts, loops)
+        )  # (k + 1, V): the verifier after each input
+        n, token = pick.accept(drafts, q, p)
         result.drafted += len(drafts)
         result.accepted += n
         result.rounds.append(n)
-        for d in drafts[:n]:  # accepted drafts are tokens the verifier itself would have emitted
+        for d in drafts[:n]:  # accepted drafts are tokens the verifier itself emits (or samples)
             if d in stop_ids or len(result.token_ids) >= max_new_tokens:
                 return result
             result.token_ids.append(d)
         cache.lengths[0] -= len(drafts) - n  # roll back past the rejected positions
-        token = verified[n]
         if len(result.token_ids) >= max_new_tokens:
             break
     return result
 
 
-def _draft(model: LoopedLM, cache: KVCache, token: int, draft_loops: int, k: int) -> list[int]:
-    """k greedy tokens after `token` at `draft_loops`, one decode step each; the cache is left where it was."""
+class _Picker:
+    """Greedy or temperature sampling, and the acceptance rule that keeps the verifier's distribution."""
+
+    def __init__(self, temperature: float, generator: torch.Generator | None) -> None:
+        self.temperature, self.generator = temperature, generator
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(…, V) float32 logits → probabilities (one-hot on the argmax when greedy)."""
+        if self.temperature == 0:
+            return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return torch.softmax(logits.float() / self.temperature, dim=-1)
+
+    def sample(self, probs: torch.Tensor) -> int:
+        if self.temperature == 0:
+            return int(probs.argmax())
+        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+
+    def accept(self, drafts: list[int], q: torch.Tensor, p: torch.Tensor) -> tuple[int, int]:
+        """(drafts kept, the next token): keep d_i with probability min(1, p_i(d)/q_i(d)); the first refused
+        is replaced by a sample of max(0, p_i − q_i) renormalised; after all, one more token from p_k."""
+        for i, d in enumerate(drafts):
+            ratio = float(p[i, d]) / max(float(q[i, d]), 1e-30)
+            if ratio >= 1 or float(torch.rand((), generator=self.generator)) < ratio:
+                continue
+            residual = (p[i] - q[i]).clamp_min(0)
+            total = float(residual.sum())
+            return i, self.sample(residual / total if total > 0 else p[i])
+        return len(drafts), self.sample(p[len(drafts)])
+
+
+def _draft(
+    model: LoopedLM, cache: KVCache, token: int, draft_loops: int, k: int, pick: _Picker
+) -> tuple[list[int], torch.Tensor]:
+    """k tokens after `token` at `draft_loops`, one decode step each, and the draft distributions q (k, V)
+    they were picked from; the cache is left where it was."""
     start = int(cache.lengths[0])
     device = model.embed.weight.device
-    drafts = []
+    drafts, qs = [], []
     x = token
     for _ in range(k):
         out = forward_cached(model, cache, torch.tensor([[x]], device=device), loops=draft_loops)
-        x = int(out.logits[0].argmax())
+        q = pick.probs(out.logits[0])
+        x = pick.sample(q)
         drafts.append(x)
+        qs.append(q)
     cache.lengths[0] = start
-    return drafts
+    return drafts, torch.stack(qs)
 
 
-def _verify(model: LoopedLM, cache: KVCache, token: int, drafts: list[int], loops: int) -> list[int]:
-    """One pass at `loops` over [token, drafts…]: the verifier's greedy token after each of them."""
+def _verify(model: LoopedLM, cache: KVCache, token: int, drafts: list[int], loops: int) -> torch.Tensor:
+    """One pass at `loops` over [token, drafts…]: the verifier's logits after each of them, (k + 1, V)."""
     device = model.embed.weight.device
     ids = torch.tensor([[token, *drafts]], device=device)
-    out = forward_cached(model, cache, ids, loops=loops, all_logits=True)
-    return out.logits[0].argmax(-1).tolist()
+    return forward_cached(model, cache, ids, loops=loops, all_logits=True).logits[0]
