@@ -20,7 +20,9 @@ class InferConfig(Section):
     )
     max_request_loops: int = doc(64, "The most loops a request may ask for; more is an error.")
     exit: str = doc(
-        "none", "Adaptive exit: none, or criterion:threshold (kl:1e-3, entropy:1e-2, state:1e-2, argmax:2)."
+        "none",
+        "Adaptive exit: none, or criterion:threshold (kl:1e-3, entropy:1e-2, state:1e-2, argmax:2, and gate:0.5 "
+        "for models with an exit gate).",
     )
     min_loops: int = doc(1, "With adaptive exit, no token stops before this many loops.")
     warm_start: bool = doc(False, "Start each token's loop from the previous token's final state.")
