@@ -42,24 +42,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: str, max_batch: int, queue: int) -> tuple[subprocess.Popen, str]:
+def start_server(
+    checkpoint: str, max_batch: int, queue: int, settings: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, str]:
+    """`looped serve` on a free port in its own process (`settings`: more `--set` values), once it answers."""
     port = free_port()
     cmd = [sys.executable, "-m", "looped", "serve", checkpoint, "--port", str(port)]
     cmd += ["--set", f"serve.max_batch={max_batch}", "--set", f"serve.queue_size={queue}"]
     cmd += ["--set", "serve.request_timeout_s=3600"]
+    for setting in settings:
+        cmd += ["--set", setting]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    start = time.monotonic()
-    while time.monotonic() - start < 120:
+    wait_ready(proc, url, 120)
+    return proc, url
+
+
+def wait_ready(proc: subprocess.Popen, url: str, seconds: float) -> None:
+    """Poll /health until the server answers; exit with its stderr if it dies, or after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read()}")
+            raise SystemExit(f"the server exited:\n{proc.stderr.read()[-4000:]}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
+                return
         except httpx.HTTPError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.3)
     proc.kill()
-    raise SystemExit("the server did not start within 120 s")
+    raise SystemExit(f"the server did not start within {seconds:.0f} s")
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, body: dict) -> dict:

@@ -28,7 +28,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_name, cpu_seconds, log  # noqa: E402
-from serve_load import free_port, load  # noqa: E402
+from serve_load import free_port, load, start_server, wait_ready  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,48 +52,6 @@ def demo_shaped_checkpoint(folder: Path) -> Path:
     ckpt = looped.save(model, folder / "ckpt", cfg)
     tok.save(ckpt)
     return ckpt
-
-
-def wait_ready(proc: subprocess.Popen, url: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited:\n{proc.stderr.read()[-4000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"the server did not start within {seconds:.0f} s")
-
-
-def start_looped(checkpoint: Path, clients: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "looped",
-        "serve",
-        str(checkpoint),
-        "--port",
-        str(port),
-    ]
-    cmd += [
-        "--set",
-        "infer.kv_cache=per-loop",
-        "--set",
-        "serve.max_batch=64",
-        "--set",
-        f"serve.queue_size={4 * clients}",
-        "--set",
-        "serve.request_timeout_s=3600",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(proc, url, 120)
-    return proc, url
 
 
 def start_vllm(hf: Path, loops: int, context: int) -> tuple[subprocess.Popen, str]:
@@ -178,7 +136,10 @@ def main() -> None:
         hf = export_hf(ckpt, Path(tmp) / "hf", num_loops=loops)
         rows = {}
         for name, start in (
-            ("looped serve", lambda: start_looped(ckpt, args.clients)),
+            (
+                "looped serve",
+                lambda: start_server(str(ckpt), 64, 4 * args.clients, ("infer.kv_cache=per-loop",)),
+            ),
             ("vllm (looped plugin)", lambda: start_vllm(hf, loops, context)),
         ):
             log(f"{name}: starting")

@@ -156,6 +156,9 @@ class Engine:
         eot = tokenizer.eot_id if tokenizer is not None else None
         self.stop_ids: set[int] = {eot} if eot is not None else set()
         self.chat_format = ChatFormat()  # the plain "Role: content" format; a checkpoint may carry its own
+        # A padded vocabulary (released models round it up): ids past the tokenizer's are never text.
+        vocab = tokenizer.vocab_size if tokenizer is not None else model.cfg.vocab_size
+        self.vocab_limit = vocab if vocab < model.cfg.vocab_size else None
 
     @classmethod
     def from_checkpoint(
@@ -194,7 +197,7 @@ class Engine:
         engine = cls(model, tokenizer, kv_cache=kv_cache, infer=infer, profile=Profile.load(path))
         engine.checkpoint = path
         engine.chat_format = ChatFormat.from_checkpoint(path)
-        engine.stop_ids |= checkpoint_stop_ids(path, tokenizer)
+        engine.stop_ids |= checkpoint_stop_ids(path, tokenizer, engine.chat_format)
         return engine
 
     # ------------------------------------------------------------------ requests
@@ -426,10 +429,8 @@ class Engine:
         history = (
             torch.tensor(req.prompt_ids + req.generated) if req.sampling.repetition_penalty != 1 else None
         )
-        if self.tokenizer is not None and self.tokenizer.vocab_size < logits.shape[-1]:
-            # A padded vocabulary (released models round it up): ids past the tokenizer's are never text.
-            logits = logits.clone()
-            logits[..., self.tokenizer.vocab_size :] = float("-inf")
+        if self.vocab_limit is not None:
+            logits[..., self.vocab_limit :] = float("-inf")  # a row of this step's logits, not kept
         token = next_token(logits, req.sampling, history, req.generator)
         req.loops_used.append(loops)
         req.state = state
@@ -561,9 +562,9 @@ class Engine:
         return results[0] if single else results
 
 
-def checkpoint_stop_ids(path: Path, tokenizer) -> set[int]:
+def checkpoint_stop_ids(path: Path, tokenizer, chat: ChatFormat) -> set[int]:
     """The end-of-sequence ids a converted checkpoint names: `eos_token_id` of generation_config.json (one
-    id or a list), and the tokenizer's id of tokenizer_config.json's `eos_token`."""
+    id or a list), and the tokenizer's id of the eos token its tokenizer_config.json names (`chat`)."""
     ids: set[int] = set()
     file = path / "generation_config.json"
     if file.is_file():
@@ -572,7 +573,7 @@ def checkpoint_stop_ids(path: Path, tokenizer) -> set[int]:
         except json.JSONDecodeError:
             eos = None
         ids |= {e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)}
-    eos_text = ChatFormat.from_checkpoint(path).special.get("eos_token")
+    eos_text = chat.special.get("eos_token")
     if tokenizer is not None and eos_text is not None:
         found = tokenizer.hf.token_to_id(eos_text)
         if found is not None:

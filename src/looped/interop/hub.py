@@ -16,6 +16,7 @@ our weights is made from theirs (`Plan`); this module does the rest the same way
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 from collections.abc import Callable
@@ -42,6 +43,18 @@ CARRIED = (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
 _FROM_ST = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64}
+
+
+def config_getter(config: dict[str, Any]) -> Callable[..., Any]:
+    """`get(key, default=None, required=False)` on a released config.json; a missing required key is a
+    ConversionError that names it."""
+
+    def get(key: str, default: Any = None, required: bool = False) -> Any:
+        if required and key not in config:
+            raise ConversionError(f"config.json: missing key '{key}'")
+        return config.get(key, default)
+
+    return get
 
 
 class SourceDir:
@@ -173,7 +186,7 @@ def write_streaming(path: Path, entries: dict[str, Entry], dtype: torch.dtype) -
     header: dict[str, Any] = {"__metadata__": {"format": "looped"}}
     offset = 0
     for name, entry in entries.items():
-        n = size * _numel(entry.shape)
+        n = size * math.prod(entry.shape)
         header[name] = {
             "dtype": _ST_DTYPE[dtype],
             "shape": list(entry.shape),
@@ -191,13 +204,6 @@ def write_streaming(path: Path, entries: dict[str, Entry], dtype: torch.dtype) -
                 raise ConversionError(f"{name}: made shape {list(t.shape)}, planned {list(entry.shape)}")
             f.write(t.to(dtype).contiguous().view(torch.uint8).numpy())  # the buffer itself, no copy
             del t
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def write_checkpoint(

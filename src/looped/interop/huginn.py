@@ -28,7 +28,7 @@ import torch
 
 from looped.config import ConfigError, ModelConfig
 from looped.errors import ConversionError
-from looped.interop.hub import Plan, SourceDir, expect_shape
+from looped.interop.hub import Plan, SourceDir, config_getter, expect_shape
 from looped.model.layers import rope_table
 
 STACKS = {"prelude": "prelude", "core_block": "core", "coda": "coda"}
@@ -48,16 +48,10 @@ def is_huginn(src: SourceDir) -> bool:
     return "freqs_cis" in src.keys() or any(".norm_3." in k for k in src.keys())
 
 
-def _get(config: dict[str, Any], key: str, default: Any = None, required: bool = False) -> Any:
-    if required and key not in config:
-        raise ConversionError(f"config.json: missing key '{key}'")
-    return config.get(key, default)
-
-
 def model_config(src: SourceDir) -> ModelConfig:
     """Our config for a huginn_raven folder; what we cannot represent raises ConversionError naming the key."""
     c, huginn = src.config, is_huginn(src)
-    get = lambda key, default=None, required=False: _get(c, key, default, required)  # noqa: E731
+    get = config_getter(c)
     if get("injection_type", "linear") != "linear":
         raise ConversionError(
             f"config.json: injection_type {get('injection_type')!r} is not supported (linear)"

@@ -16,7 +16,7 @@ from typing import Any
 
 from looped.config import ConfigError, ModelConfig
 from looped.errors import ConversionError
-from looped.interop.hub import Plan, SourceDir, expect_shape
+from looped.interop.hub import Plan, SourceDir, config_getter, expect_shape
 
 NORMS = {
     "input_layernorm": "attn_norm",
@@ -34,38 +34,34 @@ def model_config(src: SourceDir) -> ModelConfig:
     """Our config for an Ouro folder; what we cannot represent raises ConversionError naming the key."""
     c = src.config
 
-    def get(key: str, default: Any = None) -> Any:
-        if default is None and key not in c:
-            raise ConversionError(f"config.json: missing key '{key}'")
-        return c.get(key, default)
-
+    get = config_getter(c)
     if c.get("use_sliding_window"):
         raise ConversionError("config.json: use_sliding_window: sliding-window attention is not supported")
     if c.get("rope_scaling"):
         raise ConversionError(f"config.json: rope_scaling {c['rope_scaling']!r} is not supported")
     if c.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"config.json: hidden_act {c['hidden_act']!r} is not supported (silu)")
-    width, heads = get("hidden_size"), get("num_attention_heads")
+    width, heads = get("hidden_size", required=True), get("num_attention_heads", required=True)
     kv_heads = c.get("num_key_value_heads") or heads
     head_dim = c.get("head_dim") or width // heads
     try:
         return ModelConfig(
-            vocab_size=get("vocab_size"),
+            vocab_size=get("vocab_size", required=True),
             width=width,
             n_heads=heads,
             n_kv_heads=kv_heads if kv_heads != heads else None,
             head_dim=head_dim if head_dim != width // heads else None,
             mlp="swiglu",
-            mlp_hidden=get("intermediate_size"),
+            mlp_hidden=get("intermediate_size", required=True),
             block_norm="sandwich",
             norm_eps=float(c.get("rms_norm_eps", 1e-6)),
             rope_base=float(c.get("rope_theta", 10000.0)),  # the config class's default when absent
             rope_pairing="half",
             qk_norm=False,
             tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            max_seq_len=get("max_position_embeddings"),
+            max_seq_len=get("max_position_embeddings", required=True),
             prelude_layers=0,
-            core_layers=get("num_hidden_layers"),
+            core_layers=get("num_hidden_layers", required=True),
             coda_layers=0,
             loops=int(c.get("total_ut_steps", 4)),
             injection="none",

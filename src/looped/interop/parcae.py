@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from looped.checkpoint import CheckpointError, load_weights, save
 from looped.config import Config, ConfigError, ModelConfig
 from looped.errors import ConversionError
+from looped.interop.hub import config_getter
 from looped.model.layers import rope_table
 from looped.model.lm import LoopedLM
 
@@ -75,7 +76,7 @@ def convert_config(pc: dict[str, Any], present: set[str] | None = None) -> Model
     `present` (the state-dict keys) decides which layers carry value embeddings: a layer uses one only
     where both its table `value_embeds.i` and its attention's `ve_gate` exist.
     """
-    get = _getter(pc)
+    get = config_getter(pc)
     _check_supported(get)
     d = get("n_embd", required=True)
     nonlin = {"ReLU2": "relu2"}[get("nonlin_name", "ReLU2")]
@@ -115,17 +116,6 @@ def convert_config(pc: dict[str, Any], present: set[str] | None = None) -> Model
         for ours, theirs in OUR_NAMES.items():  # speak in the source file's key names
             message = message.replace(f"model.{ours} ", f"{theirs} ")
         raise ConversionError(f"config.json: {message}") from None
-
-
-def _getter(pc: dict[str, Any]) -> Callable[..., Any]:
-    """`get(key, default=None, required=False)` on Parcae's config.json, naming a missing required key."""
-
-    def get(key: str, default: Any = None, required: bool = False) -> Any:
-        if required and key not in pc:
-            raise ConversionError(f"config.json: missing key '{key}'")
-        return pc.get(key, default)
-
-    return get
 
 
 def _check_supported(get: Callable[..., Any]) -> None:

@@ -62,27 +62,17 @@ class _Attend:
 
 
 class _Layers:
-    """The `KVProvider` of one vLLM forward: a vLLM attention layer for each place in the model."""
+    """The `KVProvider` of the vLLM model: a vLLM attention layer for each place in the model."""
 
     def __init__(self, layers: nn.ModuleList, index: dict[tuple[str, int, int], int]) -> None:
-        self.layers, self.index = layers, index
+        self.attend = [_Attend(layer) for layer in layers]
+        self.index = index
 
     def layer(self, part: str, layer: int, loop: int = 0) -> _Attend:
-        return _Attend(self.layers[self.index[(part, layer, loop if part == "core" else 0)]])
+        return self.attend[self.index[(part, layer, loop if part == "core" else 0)]]
 
     def subset(self, index: torch.Tensor) -> _Layers:
         raise NotImplementedError("vLLM runs every row of a step at the same loop count")
-
-
-def _shared(index: dict[tuple[str, int, int], int]) -> dict[tuple[str, int, int], int]:
-    """The shared layout looked up at any loop: every loop of a core layer goes to its one cache."""
-
-    class Any_loop(dict):
-        def __getitem__(self, key: tuple[str, int, int]) -> int:
-            part, layer, _ = key
-            return dict.__getitem__(self, (part, layer, 0))
-
-    return Any_loop(index)
 
 
 def model_config(hf_config: Any) -> ModelConfig:
@@ -119,6 +109,11 @@ class LoopedVLLMModel(nn.Module):
         )
         places += [("coda", i, 0) for i in range(cfg.coda_layers)]
         self.index = {place: n for n, place in enumerate(places)}
+        if cfg.looped and not self.per_loop:  # shared: every loop of a core layer uses its one cache
+            for t in range(1, self.loops):
+                self.index.update(
+                    {("core", i, t): self.index[("core", i, 0)] for i in range(cfg.core_layers)}
+                )
         base = f"{prefix}.attn" if prefix else "attn"
         self.attn = nn.ModuleList(
             Attention(
@@ -131,6 +126,7 @@ class LoopedVLLMModel(nn.Module):
             )
             for n in range(len(places))
         )
+        self.kv = _Layers(self.attn, self.index)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         x, _ = self.model.embed_inputs(input_ids[None], packed=True)
@@ -151,7 +147,7 @@ class LoopedVLLMModel(nn.Module):
             x, ves = model.embed_inputs(input_ids[None], packed=True)
         pos = positions[None]
         rope = model.rotary(x.shape[1], pos)
-        kv = _Layers(self.attn, self.index if self.per_loop else _shared(self.index))
+        kv = self.kv
         x = model.run_prelude(x, rope, ves, kv)
         if model.cfg.looped:
             inputs = model.loop_inputs(x, rope, ves)
