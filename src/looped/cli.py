@@ -136,6 +136,8 @@ def _data_prepare(args: argparse.Namespace) -> None:
         text_field=args.text_field,
         invalid_utf8=args.invalid_utf8,
         seed=args.seed,
+        workers=args.workers,
+        bpe_sample=args.bpe_sample,
         progress=not args.no_progress,
         overwrite=args.overwrite,
     )
@@ -589,11 +591,27 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     data = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     c = data.add_parser("prepare", help="tokenize a text source into shards with a train/validation split")
     c.add_argument(
-        "source", help="'shakespeare' (built in), a .txt/.jsonl/.parquet file or folder, or hf:NAME"
+        "source",
+        help="'shakespeare' (built in), a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][@SPLIT]",
     )
     c.add_argument("out", help="output directory")
-    c.add_argument("--tokenizer", choices=["bpe", "bytes"], default="bpe")
+    c.add_argument(
+        "--tokenizer",
+        default="bpe",
+        metavar="bpe|bytes|FILE",
+        help="fit a BPE (default), use bytes, or use this tokenizer.json (or the one in this folder)",
+    )
     c.add_argument("--vocab-size", type=_positive, default=4096, help="BPE vocabulary size (default 4096)")
+    c.add_argument(
+        "--bpe-sample",
+        type=_positive,
+        default=100_000_000,
+        metavar="CHARS",
+        help="fit the BPE on at most this many characters of train text (default 100,000,000)",
+    )
+    c.add_argument(
+        "--workers", type=_positive, default=None, help="processes that encode (default: every core)"
+    )
     c.add_argument(
         "--val-fraction", type=float, default=0.05, help="share of documents held out (default 0.05)"
     )

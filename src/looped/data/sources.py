@@ -53,8 +53,8 @@ def iter_documents(
     Args:
         source: `"shakespeare"` (one document per play), a .txt file (one document), a .jsonl file (one per
             line), a .parquet file (one per row), a folder (every such file inside, recursively, sorted by
-            relative path; hidden files and folders are left out), or `hf:NAME` / `hf:NAME:CONFIG` (the
-            streaming "train" split of a Hugging Face dataset).
+            relative path; hidden files and folders are left out), or `hf:NAME[:CONFIG][@SPLIT]` (a Hugging
+            Face dataset, streamed: rows are fetched as they are read; SPLIT defaults to "train").
         text_field: The JSON field, parquet column or dataset column holding the text.
         invalid_utf8: What to do with text that is not valid UTF-8: `"replace"` bad bytes with U+FFFD,
             `"skip"` the document, or raise (`"error"`). Replace and skip are reported through `warn`.
@@ -106,7 +106,7 @@ def _missing_message(spec: str) -> str:
     message = f"no such file or folder: {spec}"
     if "/" not in spec and difflib.get_close_matches(spec.lower(), [SHAKESPEARE], n=1, cutoff=0.7):
         message += f" (did you mean the embedded corpus {SHAKESPEARE!r}?)"
-    return message + "; a source is 'shakespeare', a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG]"
+    return message + "; a source is 'shakespeare', a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][@SPLIT]"
 
 
 def _folder_files(root: Path) -> list[Path]:
@@ -245,16 +245,17 @@ def _parquet(path: Path, name: str, text_field: str, decode: _Decoder) -> Iterat
 
 
 def _hf(spec: str, text_field: str, decode: _Decoder) -> Iterator[Document]:
-    name, _, config = spec.removeprefix("hf:").partition(":")
-    if not name:
-        raise DataError(f"{spec!r}: expected hf:NAME or hf:NAME:CONFIG")
+    dataset, at, split = spec.removeprefix("hf:").partition("@")
+    name, _, config = dataset.partition(":")
+    if not name or (at and not split):
+        raise DataError(f"{spec!r}: expected hf:NAME, hf:NAME:CONFIG, hf:NAME@SPLIT or hf:NAME:CONFIG@SPLIT")
     try:
         import datasets
     except ImportError:
         raise DataError(
             f"{spec} needs the Hugging Face `datasets` package, which is not installed: pip install datasets"
         ) from None
-    return _hf_rows(datasets, spec, name, config or None, text_field, decode)
+    return _hf_rows(datasets, spec, name, config or None, split or "train", text_field, decode)
 
 
 def _one_line(e: BaseException) -> str:
@@ -263,13 +264,19 @@ def _one_line(e: BaseException) -> str:
 
 
 def _hf_rows(
-    datasets: Any, spec: str, name: str, config: str | None, text_field: str, decode: _Decoder
+    datasets: Any,
+    spec: str,
+    name: str,
+    config: str | None,
+    split: str,
+    text_field: str,
+    decode: _Decoder,
 ) -> Iterator[Document]:
     # Errors from `datasets` (offline, unknown name, network drop mid-stream) come from deep inside the hub
     # client; they become one line naming the dataset rather than a long traceback.
     hint = "(offline? the Hugging Face hub must be reachable, or the dataset cached)"
     try:
-        rows = iter(datasets.load_dataset(name, config, split="train", streaming=True))
+        rows = iter(datasets.load_dataset(name, config, split=split, streaming=True))
     except Exception as e:
         raise DataError(f"cannot open {spec}: {_one_line(e)} {hint}") from None
     index = 0
