@@ -251,9 +251,6 @@ def _generate(args: argparse.Namespace) -> None:
 
     from looped.infer.session import format_record, generate_records
 
-    if args.speculative is not None:
-        _generate_speculative(args)
-        return
     records = generate_records(
         args.checkpoint,
         args.prompt,
@@ -268,6 +265,7 @@ def _generate(args: argparse.Namespace) -> None:
         warm_start=args.warm_start or None,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
+        speculative=args.speculative,
         top_k=args.top_k,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
@@ -280,48 +278,6 @@ def _generate(args: argparse.Namespace) -> None:
     show = args.show_loops or args.exit is not None or args.max_ms_per_token is not None
     for r in records:
         print(format_record(args.prompt, r, show))
-
-
-def _generate_speculative(args: argparse.Namespace) -> None:
-    """`generate --speculative D:K`: greedy, the per-loop cache, fixed loops; other choices are refused."""
-    import json
-
-    from looped.infer.session import format_speculative, speculative_records
-
-    refused = {
-        "--exit": args.exit,
-        "--max-ms-per-token": args.max_ms_per_token,
-        "--max-flops-per-token": args.max_flops_per_token,
-        "--warm-start": args.warm_start or None,
-        "--min-loops": args.min_loops,
-        "--stop": args.stop,
-        "--top-k": args.top_k,
-        "--top-p": args.top_p,
-        "--repetition-penalty": args.repetition_penalty,
-    }
-    given = [flag for flag, value in refused.items() if value is not None]
-    if args.kv_cache not in (None, "per-loop"):
-        given.append("--kv-cache shared")
-    if given:
-        raise ValueError(
-            f"--speculative decodes at fixed loops with the per-loop cache (greedy or by temperature); drop {', '.join(given)}"
-        )
-    records = speculative_records(
-        args.checkpoint,
-        args.prompt,
-        args.loops or [None],
-        args.speculative,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-    )
-    if args.json:
-        print(json.dumps(records, indent=2))
-        return
-    for r in records:
-        print(format_speculative(args.prompt, r))
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -720,9 +676,10 @@ def _add_generate_chat_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--show-loops", action="store_true", help="print the loops each token ran")
     p.add_argument(
         "--speculative",
-        metavar="DRAFT_LOOPS:LOOKAHEAD",
+        metavar="DRAFT_LOOPS:LOOKAHEAD|auto",
         help="self-speculative decoding: draft LOOKAHEAD tokens at DRAFT_LOOPS loops, verify them in one pass "
-        "at --loops (greedy, the same tokens as without it)",
+        "at --loops (the same tokens as without it with the per-loop cache; sampling keeps the distribution); "
+        "auto picks the pair from `looped calibrate`",
     )
     p.add_argument("--json", action="store_true", help="text, tokens, loops per token and timings as JSON")
     p.set_defaults(run=_generate)

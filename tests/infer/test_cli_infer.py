@@ -283,20 +283,21 @@ def test_engine_generates_the_same_on_cuda_and_cpu(trained, full_float32_matmuls
 
 def test_generate_speculative_gives_the_plain_greedy_tokens(trained, capsys):
     args = ["generate", str(trained), "--prompt", "the king", "--loops", "2,6", "--max-new-tokens", "12"]
-    assert main([*args, "--json", "--temperature", "0", "--kv-cache", "per-loop"]) == 0
+    args += ["--kv-cache", "per-loop"]
+    assert main([*args, "--json", "--temperature", "0"]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert main([*args, "--json", "--speculative", "1:3", "--temperature", "0"]) == 0
     spec = json.loads(capsys.readouterr().out)
     assert [r["token_ids"] for r in spec] == [r["token_ids"] for r in plain]
-    assert all(r["speculative"] == {**r["speculative"], "draft_loops": 1, "lookahead": 3} for r in spec)
+    assert all(r["speculative"] == [1, 3] and 0 <= r["accepted"] <= r["drafted"] for r in spec)
     assert main([*args, "--speculative", "1:3", "--temperature", "0"]) == 0
     assert "drafts at 1 loops, 3 ahead" in capsys.readouterr().out
-    one_line_error(capsys, [*args, "--speculative", "1:3", "--exit", "kl:1e-3"], "drop --exit")
-    one_line_error(capsys, [*args, "--speculative", "1:3", "--top-k", "5"], "drop --top-k")
-    assert main([*args, "--json", "--speculative", "1:3", "--temperature", "0.7", "--seed", "3"]) == 0
-    sampled = json.loads(capsys.readouterr().out)
-    assert sampled[0]["temperature"] == 0.7 and 1 <= len(sampled[0]["token_ids"]) <= 12
-    one_line_error(capsys, [*args, "--speculative", "three"], "DRAFT_LOOPS:LOOKAHEAD")
-    one_line_error(
-        capsys, [*args, "--loops", "1", "--speculative", "1:3"], "draft_loops must lie in [1, loops)"
+    one_line_error(capsys, [*args, "--speculative", "1:3", "--exit", "kl:1e-3"], "adaptive exit")
+    assert (
+        main([*args, "--json", "--speculative", "1:3", "--temperature", "0.7", "--top-k", "5", "--seed", "3"])
+        == 0
     )
+    sampled = json.loads(capsys.readouterr().out)
+    assert 1 <= len(sampled[0]["token_ids"]) <= 12 and sampled[0]["drafted"] > 0
+    one_line_error(capsys, [*args, "--speculative", "three"], "DRAFT_LOOPS:LOOKAHEAD")
+    one_line_error(capsys, [*args[:5], "1", *args[6:], "--speculative", "1:3"], "draft loops must be fewer")

@@ -448,3 +448,45 @@ def test_serve_set_infer_reaches_the_engine(trained, monkeypatch, capsys):
     )
     assert engine.kv_cache == "per-loop" and engine.cache.mode == "per-loop"
     assert engine.infer.max_request_loops == 20
+
+
+def test_speculative_requests_and_tiers(trained):
+    """A request's `speculative` field and a tier's give plain decoding's tokens (per-loop cache), streamed or
+    not, with the drafts counted; malformed values and exit + speculation are 400s."""
+    engine = Engine.from_checkpoint(trained, kv_cache="per-loop")
+    plain = engine.generate("The king", loops=6, max_new_tokens=10, temperature=0)
+    tiers = {"quick": {"loops": 6, "speculative": "1:3"}, "careful": {"loops": 6, "exit": "kl:1e-3"}}
+    with client_for(engine, tiers=tiers) as c:
+        r = complete(c, max_tokens=10, loops=6, temperature=0, speculative="1:3")
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == plain.text
+        spec = r.json()["looped"]["speculative"]
+        assert spec["pairs"] == [[1, 3]] and 0 <= spec["accepted"] <= spec["drafted"] > 0
+        r = complete(c, max_tokens=10, compute="quick", temperature=0)
+        assert r.json()["choices"][0]["text"] == plain.text and r.json()["looped"]["tier"] == "quick"
+        with c.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "model": MODEL,
+                "prompt": "The king",
+                "max_tokens": 10,
+                "compute": "quick",
+                "temperature": 0,
+                "stream": True,
+            },
+        ) as s:
+            streamed = "".join(e["choices"][0]["text"] for e in events(s)[:-1])
+        assert streamed == plain.text
+        r = complete(
+            c, max_tokens=4, compute="quick", exit="kl:1e-3"
+        )  # the request's exit replaces the tier's
+        assert r.status_code == 200 and "speculative" not in r.json()["looped"]
+        r = complete(c, max_tokens=4, compute="careful", speculative="1:2")  # and its speculation the exit
+        assert r.status_code == 200 and r.json()["looped"]["speculative"]["pairs"] == [[1, 2]]
+        for bad, message in (("1-3", "DRAFT_LOOPS:LOOKAHEAD"), (3, "must be")):
+            r = complete(c, max_tokens=4, loops=6, speculative=bad)
+            assert r.status_code == 400 and message in r.json()["error"]["message"]
+        r = complete(c, max_tokens=4, loops=6, speculative="1:3", exit="kl:1e-3")
+        assert r.status_code == 400 and "adaptive exit" in r.json()["error"]["message"]
+        r = complete(c, max_tokens=4, loops=2, speculative="2:3")
+        assert r.status_code == 400 and "draft loops must be fewer" in r.json()["error"]["message"]

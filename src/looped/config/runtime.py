@@ -55,7 +55,7 @@ class InferConfig(Section):
             raise ConfigError(f"infer.top_p must lie in (0, 1], got {self.top_p}")
 
 
-TIER_KEYS = {"loops", "exit", "min_loops", "max_ms_per_token", "max_flops_per_token"}
+TIER_KEYS = {"loops", "exit", "min_loops", "max_ms_per_token", "max_flops_per_token", "speculative"}
 KEY_KEYS = {"name", "sha256", "tiers", "loop_cap", "rate_per_minute"}
 
 
@@ -83,7 +83,8 @@ class ServeConfig(Section):
     )
     tiers: dict[str, dict[str, Any]] = doc(
         {"fast": {"loops": 1}, "balanced": {"loops": 4, "exit": "kl:1e-3"}, "best": {"loops": 16}},
-        "Named compute tiers a request picks with `compute`: each sets loops, exit, min_loops or a budget.",
+        "Named compute tiers a request picks with `compute`: each sets loops, exit, min_loops or a budget, "
+        'and optionally speculative ("D:K" or "auto").',
     )
     keys: list[dict[str, Any]] = doc(
         [],

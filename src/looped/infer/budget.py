@@ -33,6 +33,9 @@ class Profile:
     machine: dict = field(default_factory=dict)
     device: str | None = None  # None: not recorded (a profile written before looped recorded it)
     dtype: str | None = None
+    # Self-speculative decoding (`calibrate_speculation`): {"acceptance": {loops: {draft loops: rate}},
+    # "verify_ratio": {tokens: ms of one verify pass over them / ms of one decode step}}; None: not measured.
+    speculative: dict | None = None
 
     def mismatch(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this profile does not describe a model on `device` in `dtype`, or None when it does. A profile
@@ -61,6 +64,7 @@ class Profile:
             "machine": self.machine,
             "device": self.device,
             "dtype": self.dtype,
+            "speculative": self.speculative,
         }
 
     @classmethod
@@ -73,6 +77,7 @@ class Profile:
             machine=d.get("machine", {}),
             device=d.get("device"),
             dtype=d.get("dtype"),
+            speculative=d.get("speculative"),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -162,6 +167,71 @@ def calibrate(
     fit = {b: _linear_fit(list(m), list(m.values())) for b, m in measured.items()}
     dtype = str(weight.dtype).removeprefix("torch.")
     return Profile(fit=fit, measured=measured, machine=machine_info(), device=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def calibrate_speculation(
+    model: LoopedLM,
+    loops: list[int],
+    kv_cache: str = "per-loop",
+    tokens: int = 48,
+    prompts: int = 2,
+    verify_sizes: tuple[int, ...] = (1, 2, 3, 5, 9),
+    repeats: int = 3,
+) -> dict:
+    """What self-speculative decoding needs to pick its pair (`looped.infer.speculative.choose`):
+    - acceptance: for each T in `loops` (above 1), the model's own greedy continuation of `prompts` random
+      prompts at T loops, read again at every draft depth D < T (1, 2, 4, …) in one pass: the share of
+      positions where D loops pick the same token as T (the rate at which greedy drafts are kept);
+    - verify_ratio: ms of one cached pass over n tokens at the largest T, over ms of one decode step there,
+      for n in `verify_sizes` (medians of `repeats`)."""
+    from looped.infer.cache import KVCache
+    from looped.infer.forward import forward_cached
+
+    model.eval()
+    weight = next(model.parameters())
+    device = weight.device
+    prompt_len = max(1, min(16, model.cfg.max_seq_len - tokens - max(verify_sizes) - 1))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.cfg.vocab_size, (prompts, prompt_len), generator=gen).to(device)
+    acceptance: dict[int, dict[int, float]] = {}
+    for t in [t for t in loops if t > 1]:
+        cache = KVCache(
+            model.cfg, kv_cache, rows=prompts, slots=prompt_len + tokens, device=device, dtype=weight.dtype
+        )
+        seq = ids
+        nxt = forward_cached(model, cache, seq, loops=t).logits.argmax(-1)
+        for _ in range(tokens - 1):
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            nxt = forward_cached(model, cache, nxt[:, None], loops=t).logits.argmax(-1)
+        target = torch.cat([seq, nxt[:, None]], dim=1)[:, prompt_len:]  # T's greedy tokens
+        depths = sorted({d for d in (1, 2, 4, 8, 16, 32) if d < t} | {t - 1})
+        acceptance[t] = {}
+        for d in depths:
+            guess = model(seq, loops=d).logits[:, prompt_len - 1 :].argmax(-1)
+            acceptance[t][d] = float((guess == target).float().mean())
+    top = max(loops)
+    ms: dict[int, float] = {}
+    for n in verify_sizes:
+        runs = []
+        for _ in range(repeats):
+            cache = KVCache(
+                model.cfg, kv_cache, rows=1, slots=prompt_len + n, device=device, dtype=weight.dtype
+            )
+            forward_cached(model, cache, ids[:1], loops=top)
+            start = time.perf_counter()
+            forward_cached(
+                model,
+                cache,
+                ids[:1, :n] if n <= prompt_len else ids[:1].repeat(1, n)[:, :n],
+                loops=top,
+                all_logits=True,
+            )
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            runs.append(time.perf_counter() - start)
+        ms[n] = sorted(runs)[len(runs) // 2]
+    return {"acceptance": acceptance, "verify_ratio": {n: ms[n] / ms[1] for n in verify_sizes}}
 
 
 class LatencyController:

@@ -6,6 +6,7 @@ budget and sampling; requests may join between decode steps (the server's contin
     out = engine.generate(["To be", "Once"], loops=[2, 16])          # a depth per request, one batch
     out = engine.generate("KING HENRY.", loops=16, exit="kl:1e-3")   # at most 16, fewer per token where it can
     out = engine.generate("KING HENRY.", max_ms_per_token=15)        # loops that fit this machine right now
+    out = engine.generate("KING HENRY.", loops=8, speculative="1:4") # draft at 1 loop, verify at 8
     out.text, out.loops  # the text and the loops each token ran
 """
 
@@ -21,12 +22,13 @@ from pathlib import Path
 import torch
 
 from looped.config import InferConfig
-from looped.infer.budget import LatencyController, Profile, calibrate, loops_for_flops
+from looped.infer.budget import LatencyController, Profile, calibrate, calibrate_speculation, loops_for_flops
 from looped.infer.cache import KV_MODES, KVCache
 from looped.infer.chat import ChatFormat
 from looped.infer.exit import ExitCriterion, parse_exit
 from looped.infer.forward import forward_cached
-from looped.infer.sampling import SamplingParams, find_stop, next_token
+from looped.infer.sampling import SamplingParams, find_stop, next_token, token_probs
+from looped.infer.speculative import RowPlan, choose, parse_speculative, speculative_round
 from looped.model.lm import LoopedLM
 
 
@@ -45,6 +47,9 @@ class Compute:
     # True: min_loops is the caller's own, and one over the loops the request runs (asked for, the model's
     # default, a budget's choice or a cap) is a ValueError; False: a default ([infer]), lowered to fit.
     strict_min_loops: bool = False
+    # Self-speculative decoding (`looped.infer.speculative`): "D:K" or (D, K) drafts K tokens at D loops and
+    # verifies them at the request's loops in one pass; "auto" picks the pair from the calibration profile.
+    speculative: str | tuple[int, int] | None = None
 
 
 @dataclass
@@ -59,6 +64,13 @@ class Generation:
     prefill_ms: float  # wall time of the prefill this request took part in (shared with its batch)
     decode_ms: float  # wall time of the decode steps it took part in (shared with its batch)
     flops_per_token: float  # forward FLOPs per generated token at the loops it ran, averaged
+    speculative: tuple[int, int] | None = None  # (draft loops, lookahead) it decoded with
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # drafts the verifier kept
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
     def mean_loops(self) -> float:
@@ -73,6 +85,7 @@ class Generation:
         d = asdict(self)
         d["mean_loops"] = self.mean_loops
         d["tokens_per_s"] = self.tokens_per_s
+        d["acceptance"] = self.acceptance
         d["ms_per_token"] = (self.prefill_ms + self.decode_ms) / max(1, len(self.token_ids))
         return d
 
@@ -90,6 +103,9 @@ class Request:
     warm_start: bool
     max_ms_per_token: float | None
     on_token: Callable[[Request, str], None] | None = None
+    speculative: tuple[int, int] | None = None  # (draft loops, lookahead)
+    drafted: int = 0
+    accepted: int = 0
     row: int = -1
     generated: list[int] = field(default_factory=list)
     loops_used: list[int] = field(default_factory=list)
@@ -247,9 +263,11 @@ class Engine:
         """Queue a request; it is prefilled at the next `step()`. `on_token(request, new_text)` streams."""
         sampling = sampling or self.sampling()
         compute = compute or Compute()
-        ids, loops, crit = self.prepare(prompt, sampling, compute)
+        ids, loops, crit, spec = self.prepare(prompt, sampling, compute)
         if compute.max_ms_per_token is not None and self.controller is None:
             self._calibrate_now()
+        if spec == "auto":
+            spec = self._auto_speculation(loops)
         req = Request(
             id=self._ids,
             prompt_ids=ids,
@@ -260,6 +278,7 @@ class Engine:
             warm_start=compute.warm_start,
             max_ms_per_token=compute.max_ms_per_token,
             on_token=on_token,
+            speculative=spec,
             generator=torch.Generator().manual_seed(sampling.seed),
         )
         self._ids += 1
@@ -271,13 +290,45 @@ class Engine:
 
     def prepare(
         self, prompt: str | Sequence[int], sampling: SamplingParams, compute: Compute
-    ) -> tuple[list[int], int, ExitCriterion | None]:
-        """Check a request without queueing it: (prompt ids, loops, exit criterion), or a ValueError that says
-        what is wrong. Touches no engine state, so a server may call it from any thread."""
+    ) -> tuple[list[int], int, ExitCriterion | None, tuple[int, int] | str | None]:
+        """Check a request without queueing it: (prompt ids, loops, exit criterion, speculation: (draft loops,
+        lookahead), "auto" or None), or a ValueError that says what is wrong. Touches no engine state, so a
+        server may call it from any thread."""
         ids = self.encode(prompt)
         sampling.validate()
         loops, crit = self._resolve(compute, len(ids) + sampling.max_new_tokens)
-        return ids, loops, crit
+        return ids, loops, crit, self._speculation(compute, loops, crit)
+
+    def _speculation(
+        self, compute: Compute, loops: int, crit: ExitCriterion | None
+    ) -> tuple[int, int] | str | None:
+        spec = parse_speculative(compute.speculative)
+        if spec is None:
+            return None
+        if not self.model.cfg.looped:
+            raise ValueError("speculative decoding drafts at fewer loops: this model does not loop")
+        if crit is not None or compute.warm_start:
+            raise ValueError(
+                "speculative decoding verifies several tokens in one pass at fixed loops: it does not combine "
+                "with adaptive exit or warm start"
+            )
+        budget = compute.max_ms_per_token is not None  # loops follow the machine's load, step by step
+        if spec != "auto" and spec[0] >= loops and not budget:
+            raise ValueError(f"draft loops must be fewer than the request's loops ({loops}), got {spec[0]}")
+        return spec
+
+    def _auto_speculation(self, loops: int) -> tuple[int, int] | None:
+        """The pair `looped calibrate` predicts fastest at `loops`, measuring now if the profile lacks it."""
+        if self.profile is None or not self.profile.speculative:
+            self.notice(
+                "no speculation calibration for speculative='auto': measuring one now "
+                "(run `looped calibrate` to keep one)"
+            )
+            if self.profile is None:
+                self._calibrate_now()
+            grid = sorted({t for t in (2, 4, 8, 16) if t <= self.infer.max_request_loops} | {loops})
+            self.profile.speculative = calibrate_speculation(self.model, grid, kv_cache=self.kv_cache)
+        return choose(self.profile.speculative, lambda t: self.profile.predict(1, t), loops)
 
     def cancel(self, req: Request, reason: str = "cancelled") -> None:
         """Stop a request (a client went away, a timeout): it gets no more tokens and frees its row at the
@@ -356,9 +407,10 @@ class Engine:
         decoding = [r for r in self.running if r.pending is not None and r not in touched]
         groups: dict[tuple, list[Request]] = {}
         for r in decoding:
-            groups.setdefault((repr(r.exit), r.min_loops, r.warm_start), []).append(r)
-        for group in groups.values():
-            self._decode(group)
+            key = ("speculative",) if r.speculative else (repr(r.exit), r.min_loops, r.warm_start)
+            groups.setdefault(key, []).append(r)
+        for key, group in groups.items():
+            (self._speculate if key == ("speculative",) else self._decode)(group)
             touched += group
         for r in [r for r in self.running if r.finished]:
             self.cache.release(r.row)
@@ -424,6 +476,46 @@ class Engine:
             r.pending = None
             self._accept(r, out.logits[b], int(out.loops[b]), None if out.state is None else out.state[b])
 
+    def _speculate(self, batch: list[Request]) -> None:
+        """One speculative round for `batch`: each row drafts, is verified and gets 1 to lookahead + 1 tokens."""
+        plans = []
+        for r in batch:
+            loops = self._loops_now(r, len(batch))
+            draft, ahead = r.speculative
+            room = min(r.sampling.max_new_tokens - len(r.generated), self.model.cfg.max_seq_len - r.length)
+            plans.append(
+                RowPlan(
+                    row=r.row,
+                    token=r.pending,
+                    loops=loops,
+                    draft_loops=min(draft, loops),
+                    lookahead=max(0, min(ahead, room)) if draft < loops else 0,
+                    probs=lambda logits, drafts, r=r: self._probs(r, logits, drafts),
+                    greedy=r.sampling.temperature == 0,
+                    generator=r.generator,
+                )
+            )
+        start = self.clock()
+        speculative_round(self.model, self.cache, plans)
+        ms = (self.clock() - start) * 1000
+        for r, p in zip(batch, plans, strict=True):
+            r.decode_ms += ms
+            r.pending = None
+            r.drafted, r.accepted = r.drafted + p.lookahead, r.accepted + p.accepted
+            for token in p.tokens:
+                self._take(r, token, p.loops, None)
+                if r.finished:
+                    break
+
+    def _probs(self, req: Request, logits: torch.Tensor, drafts: list[int]) -> torch.Tensor:
+        """The distribution `req` samples its next token from after `drafts` (speculation compares two)."""
+        history = None
+        if req.sampling.repetition_penalty != 1:
+            history = torch.tensor(req.prompt_ids + req.generated + drafts)
+        if self.vocab_limit is not None:
+            logits[..., self.vocab_limit :] = float("-inf")
+        return token_probs(logits, req.sampling, history)
+
     def _accept(self, req: Request, logits: torch.Tensor, loops: int, state: torch.Tensor | None) -> None:
         """Sample the next token of `req` and decide whether it is done."""
         history = (
@@ -431,7 +523,10 @@ class Engine:
         )
         if self.vocab_limit is not None:
             logits[..., self.vocab_limit :] = float("-inf")  # a row of this step's logits, not kept
-        token = next_token(logits, req.sampling, history, req.generator)
+        self._take(req, next_token(logits, req.sampling, history, req.generator), loops, state)
+
+    def _take(self, req: Request, token: int, loops: int, state: torch.Tensor | None) -> None:
+        """Append the chosen `token` to `req` (or end it there) and stream what became text."""
         req.loops_used.append(loops)
         req.state = state
         tok = self.tokenizer
@@ -488,6 +583,9 @@ class Engine:
             prefill_ms=req.prefill_ms,
             decode_ms=req.decode_ms,
             flops_per_token=sum(flops) / len(flops) if flops else 0.0,
+            speculative=req.speculative,
+            drafted=req.drafted,
+            accepted=req.accepted,
         )
 
     def _flops(self, loops: int, seq_len: int) -> float:
@@ -507,6 +605,7 @@ class Engine:
         max_flops_per_token: float | None = None,
         max_ms_per_token: float | None = None,
         warm_start: bool | None = None,
+        speculative: str | tuple[int, int] | None = None,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
@@ -540,7 +639,10 @@ class Engine:
             stop=list(stop) if stop is not None else None,
             seed=seed,
         )
-        exit = exit if exit is not None else (None if self.infer.exit == "none" else self.infer.exit)
+        if exit is None:  # [infer]'s exit and warm start are defaults that speculation replaces
+            exit = None if self.infer.exit == "none" or speculative else self.infer.exit
+        if warm_start is None:
+            warm_start = self.infer.warm_start and not speculative
         computes = [
             Compute(
                 loops=t,
@@ -548,8 +650,9 @@ class Engine:
                 min_loops=min_loops if min_loops is not None else self.infer.min_loops,
                 max_flops_per_token=max_flops_per_token,
                 max_ms_per_token=max_ms_per_token,
-                warm_start=self.infer.warm_start if warm_start is None else warm_start,
+                warm_start=warm_start,
                 strict_min_loops=min_loops is not None,  # the caller's own min_loops is never lowered
+                speculative=speculative,
             )
             for t in per_loops
         ]

@@ -34,21 +34,12 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty strings")
 
 
-def next_token(
-    logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None, gen: torch.Generator
-) -> int:
-    """One token from next-token logits (V,), given the ids seen so far (for the repetition penalty)."""
-    logits = logits.float()
-    if params.repetition_penalty != 1.0 and history is not None and history.numel():
-        seen = torch.unique(history.to(logits.device))
-        picked = logits[seen]
-        # CTRL (arXiv 1909.05858): make seen tokens less likely whatever the sign of their logit.
-        logits = logits.clone()
-        logits[seen] = torch.where(
-            picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty
-        )
+def token_probs(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None) -> torch.Tensor:
+    """The distribution (V,) float32 that `next_token` draws from: repetition penalty, then one-hot on the
+    argmax when greedy, else temperature, top-k and top-p. Speculative decoding compares two of these."""
+    logits = _penalized(logits.float(), params, history)
     if params.temperature == 0:
-        return int(logits.argmax())
+        return torch.nn.functional.one_hot(logits.argmax(), logits.numel()).float()
     logits = logits / params.temperature
     if params.top_k is not None and params.top_k < logits.numel():
         cutoff = torch.topk(logits, params.top_k).values[-1]
@@ -60,7 +51,29 @@ def next_token(
         drop = sorted_p.cumsum(0) - sorted_p >= params.top_p
         probs = probs.clone()
         probs[order[drop]] = 0
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+    return probs
+
+
+def next_token(
+    logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None, gen: torch.Generator
+) -> int:
+    """One token from next-token logits (V,), given the ids seen so far (for the repetition penalty)."""
+    if params.temperature == 0:
+        return int(_penalized(logits.float(), params, history).argmax())
+    return int(torch.multinomial(token_probs(logits, params, history).cpu(), 1, generator=gen))
+
+
+def _penalized(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None) -> torch.Tensor:
+    if params.repetition_penalty == 1.0 or history is None or not history.numel():
+        return logits
+    seen = torch.unique(history.to(logits.device))
+    picked = logits[seen]
+    # CTRL (arXiv 1909.05858): make seen tokens less likely whatever the sign of their logit.
+    logits = logits.clone()
+    logits[seen] = torch.where(
+        picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty
+    )
+    return logits
 
 
 def find_stop(text: str, stops: list[str]) -> int | None:

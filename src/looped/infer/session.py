@@ -7,10 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-import torch
-
-from looped.infer.budget import Profile, calibrate
+from looped.infer.budget import Profile, calibrate, calibrate_speculation
 from looped.infer.engine import Engine, Generation
+from looped.infer.speculative import choose
 
 
 def generate_records(
@@ -32,85 +31,6 @@ def generate_records(
         g = engine.generate(prompt, loops=t, **kwargs)
         records.append(record(g, t, engine, kwargs.get("exit")))
     return records
-
-
-def parse_speculative(text: str) -> tuple[int, int]:
-    """`DRAFT_LOOPS:LOOKAHEAD` (e.g. `1:4`) → (1, 4)."""
-    draft, sep, ahead = text.partition(":")
-    try:
-        pair = int(draft), int(ahead)
-    except ValueError:
-        pair = None
-    if not sep or pair is None or min(pair) < 1:
-        raise ValueError(
-            f"--speculative takes DRAFT_LOOPS:LOOKAHEAD, two whole numbers ≥ 1 (e.g. 1:4), got {text!r}"
-        )
-    return pair
-
-
-def speculative_records(
-    checkpoint: str | Path,
-    prompt: str,
-    loops: list[int | None],
-    speculative: str,
-    *,
-    max_new_tokens: int | None = None,
-    temperature: float | None = None,
-    seed: int = 0,
-    device: str | None = None,
-    dtype: str | None = None,
-) -> list[dict]:
-    """Continuations of `prompt` (`max_new_tokens`, `temperature`; None: [infer]'s) by self-speculative decoding (`looped.infer.speculative`): drafts at
-    DRAFT_LOOPS, verified LOOKAHEAD at a time at each of `loops` (None: the model's default); the same
-    tokens as plain greedy decoding with the per-loop cache, in less time when the drafts agree."""
-    import time
-
-    from looped.infer.speculative import generate_speculative
-
-    draft, ahead = parse_speculative(speculative)
-    engine = _engine(checkpoint, "per-loop", device, dtype)
-    ids = engine.tokenizer.encode(prompt)
-    if max_new_tokens is None:
-        max_new_tokens = engine.infer.max_new_tokens
-    temperature = engine.infer.temperature if temperature is None else temperature
-    records = []
-    for t in loops:
-        t = t or engine.model.cfg.loops
-        start = time.perf_counter()
-        out = generate_speculative(
-            engine.model,
-            ids,
-            loops=t,
-            draft_loops=draft,
-            lookahead=ahead,
-            max_new_tokens=max_new_tokens,
-            stop_ids=engine.stop_ids,
-            temperature=temperature,
-            generator=torch.Generator().manual_seed(seed),
-        )
-        seconds = time.perf_counter() - start
-        records.append(
-            {
-                "loops": t,
-                "temperature": temperature,
-                "speculative": {"draft_loops": draft, "lookahead": ahead, "acceptance": out.acceptance},
-                "kv_cache": "per-loop",
-                "tokens": len(out.token_ids),
-                "token_ids": out.token_ids,
-                "text": engine.tokenizer.decode(out.token_ids),
-                "tokens_per_s": len(out.token_ids) / seconds,
-            }
-        )
-    return records
-
-
-def format_speculative(prompt: str, r: dict) -> str:
-    s = r["speculative"]
-    head = (
-        f"--- {r['loops']} loops, drafts at {s['draft_loops']} loops, {s['lookahead']} ahead · {r['tokens']} tokens "
-        f"· {r['tokens_per_s']:.0f} tokens/s · {s['acceptance']:.0%} of drafts accepted"
-    )
-    return head + "\n" + prompt + r["text"]
 
 
 def _engine(checkpoint: str | Path, kv_cache: str | None, device: str | None, dtype: str | None) -> Engine:
@@ -142,6 +62,9 @@ def format_record(prompt: str, r: dict, show_loops: bool) -> str:
         f" · {r['tokens']} tokens · {r['tokens_per_s']:.0f} tokens/s · mean loops {r['mean_loops']:.2f}"
         f" · {r['flops_per_token'] / 1e6:.1f} MFLOPs/token"
     )
+    if r.get("speculative"):
+        draft, ahead = r["speculative"]
+        head += f" · drafts at {draft} loops, {ahead} ahead, {r['acceptance']:.0%} accepted"
     lines = [head, prompt + (r["text"] or "")]
     if show_loops:
         lines.append("loops per token: " + " ".join(str(t) for t in r["loops_per_token"]))
@@ -169,6 +92,8 @@ def calibrate_checkpoint(
     profile = calibrate(
         engine.model, loops, batch_sizes, tokens=tokens, kv_cache=engine.kv_cache, progress=True
     )
+    if engine.model.cfg.looped and max(loops) > 1:  # what speculative = "auto" picks its pair from
+        profile.speculative = calibrate_speculation(engine.model, loops, kv_cache=engine.kv_cache)
     return profile, profile.save(out or checkpoint)
 
 
@@ -179,6 +104,12 @@ def format_profile(profile: Profile, path: Path) -> str:
             lines.append(f"{b:>5} {t:>5} {ms:>8.2f} {profile.predict(b, t):>8.2f}")
     for b, (a, c) in profile.fit.items():
         lines.append(f"batch {b}: ms per step ≈ {a:.2f} + {c:.2f}·loops")
+    if profile.speculative:
+        for t, rates in profile.speculative["acceptance"].items():
+            shares = ", ".join(f"{d} loops {a:.0%}" for d, a in rates.items())
+            pair = choose(profile.speculative, lambda x: profile.predict(1, x), int(t))
+            pick = f"draft at {pair[0]} loops, {pair[1]} ahead" if pair else "no speculation"
+            lines.append(f"{t} loops: drafts kept at {shares} · speculative=auto: {pick}")
     lines.append(f"wrote {path}")
     return "\n".join(lines)
 

@@ -189,7 +189,7 @@ class Handler:
     def _prepare(self, ask: Ask, i: int, compute: Compute, cap: int) -> list[int]:
         """Prompt `i` as token ids, checked by the engine (context, vocabulary, loops) without queueing."""
         try:
-            ids, loops, _ = self.engine.prepare(ask.prompts[i], ask.sampling, compute)
+            ids, loops, *_ = self.engine.prepare(ask.prompts[i], ask.sampling, compute)
         except ValueError as e:
             where = f"prompt {i}: " if len(ask.prompts) > 1 else ""
             raise APIError(where + str(e)) from None

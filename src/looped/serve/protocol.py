@@ -2,9 +2,9 @@
 mistake an `APIError` (400 unless said otherwise) in OpenAI's error shape; build responses and stream chunks.
 
 Extra request fields: `loops`, `exit` ("kl:1e-3", "none", or {"criterion": "kl", "threshold": 1e-3}),
-`min_loops`, `max_ms_per_token`, `max_flops_per_token`, `compute` (a tier name), `loops_per_token` (return
-the loops of every token), `top_k`, `repetition_penalty`. Responses carry a `looped` object with the loops
-used, FLOPs per token and timings.
+`min_loops`, `max_ms_per_token`, `max_flops_per_token`, `speculative` ("D:K", "auto" or "none"),
+`compute` (a tier name), `loops_per_token` (return the loops of every token), `top_k`, `repetition_penalty`.
+Responses carry a `looped` object with the loops used, FLOPs per token, drafts accepted and timings.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from looped.config import ServeConfig
 from looped.infer.chat import ChatFormat, ChatTemplateError
 from looped.infer.engine import Compute, Generation
 from looped.infer.sampling import SamplingParams
+from looped.infer.speculative import parse_speculative
 
 ROLES = ("system", "user", "assistant")
 COMMON = {
@@ -44,6 +45,7 @@ COMMON = {
     "max_ms_per_token",
     "max_flops_per_token",
     "compute",
+    "speculative",
     "loops_per_token",
 }
 FIELDS = {
@@ -326,10 +328,13 @@ def _compute(body: dict, cfg: ServeConfig) -> tuple[str | None, Compute, dict[st
             param="compute",
         )
     spec = dict(cfg.tiers[tier]) if tier else {}
-    asked = {k: body[k] for k in ("exit", "min_loops", *BUDGETS) if body.get(k) is not None}
+    asked = {k: body[k] for k in ("exit", "min_loops", "speculative", *BUDGETS) if body.get(k) is not None}
     if set(BUDGETS) & set(asked):  # the request's own budget wins over the tier's
         for k in BUDGETS:
             spec.pop(k, None)
+    for mine, theirs in (("exit", "speculative"), ("speculative", "exit")):  # two ways to save compute
+        if mine in asked and theirs not in asked:
+            spec.pop(theirs, None)
     spec.update(asked)
     compute = Compute(
         loops=_number(spec, "loops", lo=1, integer=True),
@@ -337,8 +342,22 @@ def _compute(body: dict, cfg: ServeConfig) -> tuple[str | None, Compute, dict[st
         min_loops=_pick(_number(spec, "min_loops", lo=1, integer=True), 1),
         max_ms_per_token=_number(spec, "max_ms_per_token", lo=0, strict_lo=True),
         max_flops_per_token=_number(spec, "max_flops_per_token", lo=0, strict_lo=True),
+        speculative=_speculative(spec.get("speculative")),
     )
     return tier, compute, asked
+
+
+def _speculative(value: Any) -> tuple[int, int] | str | None:
+    if value in (None, "none", False):
+        return None
+    if not isinstance(value, str):
+        raise APIError(
+            '\'speculative\' must be "DRAFT_LOOPS:LOOKAHEAD", "auto" or "none"', param="speculative"
+        )
+    try:
+        return parse_speculative(value)
+    except ValueError as e:
+        raise APIError(str(e), param="speculative") from None
 
 
 def check_min_loops(ask: Ask, loops: int, cap: int) -> None:
@@ -387,6 +406,13 @@ def looped_info(gens: list[Generation], per_token: bool, tier: str | None, timin
         "tier": tier,
         "timings": timings,
     }
+    if any(g.speculative for g in gens):
+        drafted, accepted = sum(g.drafted for g in gens), sum(g.accepted for g in gens)
+        info["speculative"] = {
+            "drafted": drafted,
+            "accepted": accepted,
+            "pairs": [g.speculative for g in gens],
+        }
     if per_token:
         info["loops_per_token"] = [g.loops for g in gens] if len(gens) > 1 else loops
     return info
