@@ -9,10 +9,17 @@ One run measures, on the same machine load:
   `model.flops_per_token(loops, seq_len, training=True, backprop_loops)` per token: forward-only loops
   are credited once, attention dense;
 - the peak RSS of training steps at mean loops 4 and 32 (loops ~ Poisson(μ) per sequence, the same
-  backprop_loops), each in a fresh process.
+  backprop_loops), each in a fresh process;
+- with `--parcae-src DIR` (a checkout of github.com/sandyresearch/parcae; nothing of it ships here or is
+  downloaded), Parcae's own model on the identical configuration as reference rows, timed in the same
+  rounds: its `Parcae` class built from a `ParcaeConfig` with the same widths, layers, heads, vocabulary,
+  QK-norm, ReLU², value embeddings, prelude norm and tied embeddings (the parameter counts are checked
+  equal), forward with labels at per-batch depth (T − k forward-only loops, then k with gradients), and the
+  same backward, clip, fused AdamW and zero_grad as the looped rows, so the rows differ in model code only.
 
     .venv/bin/python bench/train_throughput.py           # the issue's setting: ~4 minutes on 2 cores
     .venv/bin/python bench/train_throughput.py --quick   # a tiny model, for a smoke run: ~20 seconds
+    .venv/bin/python bench/train_throughput.py --parcae-src ../parcae-src   # + Parcae rows: ~6 minutes
 """
 
 from __future__ import annotations
@@ -72,25 +79,96 @@ def matmul_gflops(n: int, reps: int = 3) -> list[float]:
 class Trainer:
     """A model, its optimizer and one fixed batch; `step` runs a full training step and returns its seconds."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, seq: int) -> None:
+    def __init__(self, cfg: ModelConfig, batch: int, seq: int, model: torch.nn.Module | None = None) -> None:
         torch.manual_seed(0)
-        self.model = LoopedLM(cfg).train()
+        self.model = (LoopedLM(cfg) if model is None else model).train()
         # Fused AdamW: one kernel over all parameters, about 5× faster than foreach on this CPU.
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
-        self.inputs, self.labels = tokens[:, :-1], tokens[:, 1:]
+        self.inputs, self.labels = tokens[:, :-1], tokens[:, 1:].contiguous()
+
+    def loss(self, loops: int | torch.Tensor, backprop_loops: int | None) -> torch.Tensor:
+        return self.model(self.inputs, labels=self.labels, loops=loops, backprop_loops=backprop_loops).loss
+
+    def params(self) -> int:
+        return self.model.num_params()["total"]
+
+    def flops_per_token(self, loops: int, seq: int, backprop_loops: int | None) -> float:
+        return self.model.flops_per_token(loops, seq, training=True, backprop_loops=backprop_loops)
 
     def step(self, loops: int | torch.Tensor, backprop_loops: int | None) -> float:
         t = time.perf_counter()
-        loss = self.model(self.inputs, labels=self.labels, loops=loops, backprop_loops=backprop_loops).loss
-        loss.backward()
+        self.loss(loops, backprop_loops).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t
 
 
-def throughput(setting: dict, steps: int, warmup: int) -> dict:
+class ParcaeTrainer(Trainer):
+    """Parcae's own model (its `Parcae` class, from a source tree given on the command line) on the
+    configuration of `cfg`, stepped like `Trainer`; `flops_per_token` is the looped model's, whose
+    architecture it is (the constructor checks the parameter counts agree)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, seq: int, src: str) -> None:
+        sys.path.insert(0, os.path.abspath(src))
+        from parcae_lm.models.parcae.config import ParcaeConfig  # the Parcae tree named by --parcae-src
+
+        pcfg = ParcaeConfig(
+            name="looped-bench",
+            block_size=seq,
+            vocab_size=cfg.vocab_size,
+            padding_multiple=64,
+            n_embd=cfg.width,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.resolved_n_kv_heads,
+            intermediate_size=cfg.resolved_mlp_hidden,
+            bias=False,
+            tie_embeddings=cfg.tie_embeddings,
+            block_class_name="TransformerPreNormBlock",
+            norm_class_name="RMSNorm",
+            norm_eps=cfg.norm_eps,
+            mlp_class_name="BaseMLP",
+            nonlin_name="ReLU2",
+            qk_norm=cfg.qk_norm,
+            prelude_norm=cfg.prelude_norm,
+            init_strategy="scaled-zero",
+            init_orthogonal=True,
+            injection_type="diagonal",
+            state_init=cfg.state_init,
+            recurrent_embedding_dimension=cfg.width,
+            recurrent_intermediation_embedding_dimension=cfg.resolved_mlp_hidden,
+            n_layers_in_prelude=cfg.prelude_layers,
+            n_layers_in_recurrent_block=cfg.core_layers,
+            n_layers_in_coda=cfg.coda_layers,
+            mean_recurrence=cfg.loops,
+            mean_backprop_depth=BACKPROP_LOOPS,
+            recurrent_iteration_method="per-batch",  # (T − k, k) given per call, as the looped rows
+            attn_impl="sdpa",
+            rope_settings=dict(rope_base=int(cfg.rope_base)),
+        )
+        torch.manual_seed(0)
+        super().__init__(cfg, batch, seq, model=pcfg.construct_model())
+        self.reference = LoopedLM(cfg)
+        ours, theirs = self.reference.num_params()["total"], self.params()
+        if ours != theirs:
+            raise SystemExit(
+                f"Parcae's model has {theirs:,} parameters, the looped one {ours:,}: not the same"
+            )
+
+    def loss(self, loops: int | torch.Tensor, backprop_loops: int | None) -> torch.Tensor:
+        k = loops if backprop_loops is None else min(int(backprop_loops), int(loops))
+        pair = torch.tensor([int(loops) - k, k])  # forward-only loops, then loops with gradients
+        return self.model(self.inputs, labels=self.labels, num_steps_pair=pair)["loss"]
+
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def flops_per_token(self, loops: int, seq: int, backprop_loops: int | None) -> float:
+        return self.reference.flops_per_token(loops, seq, training=True, backprop_loops=backprop_loops)
+
+
+def throughput(setting: dict, steps: int, warmup: int, parcae_src: str | None = None) -> dict:
     cfg = model_config(setting)
     base_cfg = looped.baseline(cfg, match="flops", loops=setting["loops"])
     B, S, T = setting["batch"], setting["seq"], setting["loops"]
@@ -98,6 +176,9 @@ def throughput(setting: dict, steps: int, warmup: int) -> dict:
     net, base = Trainer(cfg, B, S), Trainer(base_cfg, B, S)
     layers = f"{cfg.prelude_layers}/{cfg.core_layers}/{cfg.coda_layers}"
     rows = [(f"looped {layers} ×{T}, k={k}", net, T, k) for k in (BACKPROP_LOOPS, T)]
+    if parcae_src is not None:
+        parcae = ParcaeTrainer(cfg, B, S, parcae_src)
+        rows += [(f"Parcae's code {layers} ×{T}, k={k}", parcae, T, k) for k in (BACKPROP_LOOPS, T)]
     rows.append((f"standard {base_cfg.n_layers} layers, FLOP-matched", base, 1, None))
     times: dict[str, list[float]] = {row[0]: [] for row in rows}
     for _ in range(warmup):
@@ -112,13 +193,13 @@ def throughput(setting: dict, steps: int, warmup: int) -> dict:
     peak = statistics.median(peaks)
     results = []
     for name, trainer, loops, k in rows:
-        flops = trainer.model.flops_per_token(loops, S, training=True, backprop_loops=k)
+        flops = trainer.flops_per_token(loops, S, k)
         tokens_per_s = B * S / statistics.median(times[name])
         gflops = flops * tokens_per_s / 1e9
         results.append(
             dict(
                 model=name,
-                params=trainer.model.num_params()["total"],
+                params=trainer.params(),
                 backprop_loops=k,
                 flops_per_token=flops,
                 tokens_per_s=tokens_per_s,
@@ -129,6 +210,14 @@ def throughput(setting: dict, steps: int, warmup: int) -> dict:
         )
     for r in results:
         r["vs_baseline"] = r["gflops"] / results[-1]["gflops"]
+        # Looped against Parcae's code at the same k: the ratio of tokens/s on the same configuration.
+        theirs = [
+            p
+            for p in results
+            if p["model"].startswith("Parcae") and p["backprop_loops"] == r["backprop_loops"]
+        ]
+        if theirs and r["model"].startswith("looped"):
+            r["vs_parcae"] = r["tokens_per_s"] / theirs[0]["tokens_per_s"]
     # CPUs that other processes kept busy while we timed: a shared machine makes every number pessimistic.
     background = max(0.0, ((everyone1 - everyone0) - (own1 - own0)) / (wall1 - wall0))
     return dict(peak_gflops=peak, peak_samples=len(peaks), background_cpus=background, rows=results)
@@ -179,6 +268,7 @@ def print_table(r: dict) -> None:
         print(
             f"{row['model']:<34} {row['params'] / 1e6:6.1f}M {row['flops_per_token'] / 1e6:10.1f}M "
             f"{row['tokens_per_s']:8.0f} {row['gflops']:7.1f} {row['pct_peak']:5.1f}% {row['vs_baseline']:6.2f}×"
+            + (f"   {row['vs_parcae']:.2f}× Parcae's tokens/s" if "vs_parcae" in row else "")
         )
     if r["memory"]:
         ref = r["memory"][0]
@@ -207,6 +297,11 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's)"
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory rows")
+    p.add_argument(
+        "--parcae-src",
+        metavar="DIR",
+        help="a Parcae source tree (github.com/sandyresearch/parcae): add its training step as reference rows",
+    )
     p.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     setting = QUICK if args.quick else FULL
@@ -223,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         setting=dict(
             batch=setting["batch"], seq_len=setting["seq"], loops=setting["loops"], **setting["model"]
         ),
-        **throughput(setting, args.steps, args.warmup),
+        **throughput(setting, args.steps, args.warmup, args.parcae_src),
         memory=[] if args.no_memory else [memory(args, mu) for mu in setting["mean_loops"]],
     )
     if args.json:
