@@ -44,6 +44,7 @@ from looped.infer.forward import forward_cached
 from looped.model.lm import LoopedLM
 
 MAX_LOOKAHEAD = 16
+AUTO_LOOKAHEAD = 8  # `auto` looks no further: acceptance falls along a draft faster than a constant rate says
 GAIN_NEEDED = 1.1  # `auto` speculates only where the calibration predicts at least this speed-up
 
 
@@ -173,7 +174,7 @@ def choose(calibration: dict, predict: Callable[[float], float], loops: int) -> 
     for d, rate in measured[near].items():
         if d >= loops:
             continue
-        for k in range(1, MAX_LOOKAHEAD + 1):
+        for k in range(1, AUTO_LOOKAHEAD + 1):
             n = min(ratios, key=lambda m: abs(m - (k + 1)))
             gain = expected_gain(rate, k, predict(d), predict(loops), predict(loops) * ratios[n])
             if gain > best_gain:
