@@ -138,7 +138,12 @@ def _iterate(
     if probe:
         logits = torch.zeros(B, model.cfg.vocab_size, device=h.device)
         prev_logp = torch.zeros_like(logits)
-    for t in range(t_max):
+    # Without exit, every row loops at least min(counts) times: those loops need no bookkeeping at all
+    # (at batch 1 the per-loop mask and index ops cost as much as a small layer's matmuls).
+    together = int(counts.min()) if exit is None else 0
+    for t in range(together):
+        h = model.loop_step(h, inputs, view, t)
+    for t in range(together, t_max):
         idx = ((counts > t) & ~done).nonzero().squeeze(1)
         if idx.numel() == 0:
             break
