@@ -4,6 +4,10 @@ encoding in this process."""
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,3 +96,55 @@ def test_bytes_are_encoded_without_workers(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(encode_module, "_in_workers", no_pool)
     got = list(encode_documents([("a", SAMPLE), ("b", "xyz")], Tokenizer.bytes(), np.dtype("<u2"), 4))
     assert [(k, ids.tolist()) for k, ids in got] == [("a", list(SAMPLE.encode())), ("b", list(b"xyz"))]
+
+
+KILLED_PARENT = """
+import importlib, sys, time
+encode = importlib.import_module("looped.data.encode")
+prepare = importlib.import_module("looped.data.prepare")
+encode.BATCH_CHARS = 2000
+
+def endless(*args):
+    for i in range(10**9):
+        time.sleep(0.01)
+        yield prepare.Document(f"d{i}", "word " * 200)
+
+prepare.iter_documents = endless
+prepare.prepare("fake", sys.argv[1], tokenizer=sys.argv[2], workers=2, progress=False)
+"""
+
+
+def _workers_of(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            if (
+                int(stat.rsplit(")", 1)[1].split()[1]) == parent
+                and b"spawn_main" in (entry / "cmdline").read_bytes()
+            ):
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_workers_exit_when_the_parent_is_killed(bpe: Tokenizer, tmp_path: Path) -> None:
+    bpe.save(tmp_path / "tok")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_PARENT, str(tmp_path / "out"), str(tmp_path / "tok")]
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := _workers_of(proc.pid)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "orphaned workers still run"
+    assert not (tmp_path / "out").exists()  # only the temporary folder is left behind

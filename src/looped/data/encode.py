@@ -13,6 +13,8 @@ import multiprocessing
 import os
 import re
 import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -27,6 +29,7 @@ BATCH_CHARS = 1 << 20
 SEGMENT_CHARS = 1 << 20
 # Batches in flight per worker: one being encoded and one waiting, so a worker never idles for the parent.
 IN_FLIGHT_PER_WORKER = 2
+PARENT_CHECK_SECONDS = 1.0
 # Before a space that follows a word character. No pre-token of the GPT-2 split pattern (which the ByteLevel
 # pre-tokenizer uses) contains a non-space character followed by a space, so a pre-token always starts
 # there, and encoding the text on either side separately gives the same ids.
@@ -122,7 +125,7 @@ def _in_workers(
         workers,
         mp_context=context,
         initializer=_start_worker,
-        initargs=(tokenizer.hf.to_str(), dtype.str),
+        initargs=(tokenizer.hf.to_str(), dtype.str, os.getpid()),
     )
     pending: deque = deque()
     try:
@@ -142,13 +145,22 @@ def _in_workers(
 _worker: tuple[Tokenizer, np.dtype] | None = None
 
 
-def _start_worker(tokenizer_json: str, dtype: str) -> None:
+def _start_worker(tokenizer_json: str, dtype: str, parent: int) -> None:
     global _worker
     # Ctrl-C reaches the whole process group; the parent alone handles it (and shuts the pool down).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One thread per worker: the workers are the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker = (Tokenizer(HFTokenizer.from_str(tokenizer_json)), np.dtype(dtype))
+    # A worker holds both ends of its task queue, so it would wait forever for a parent that was killed.
+    # (The parent's pid comes from the parent: it may have died before this runs.)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(1)
 
 
 def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

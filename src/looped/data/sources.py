@@ -106,7 +106,10 @@ def _missing_message(spec: str) -> str:
     message = f"no such file or folder: {spec}"
     if "/" not in spec and difflib.get_close_matches(spec.lower(), [SHAKESPEARE], n=1, cutoff=0.7):
         message += f" (did you mean the embedded corpus {SHAKESPEARE!r}?)"
-    return message + "; a source is 'shakespeare', a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][@SPLIT]"
+    return (
+        message
+        + "; a source is 'shakespeare', a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][@SPLIT]"
+    )
 
 
 def _folder_files(root: Path) -> list[Path]:
