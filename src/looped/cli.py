@@ -16,7 +16,7 @@ from looped.errors import USER_ERRORS
 
 INFO_LOOPS = (1, 2, 4, 8, 16, 32)
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "auto")
 
 
 # ---------------------------------------------------------------- argument types
@@ -463,7 +463,7 @@ def _model_source(p: argparse.ArgumentParser) -> None:
 def _placement_args(
     p: argparse.ArgumentParser,
     device_help: str = "where the model runs (default [infer] device: auto, CUDA when available)",
-    dtype_help: str = "weights and activations (default [infer] dtype: float32)",
+    dtype_help: str = "weights and activations; auto: bfloat16 where the device has it (default [infer] dtype: float32)",
 ) -> None:
     """--device and --dtype; a command whose defaults are not [infer]'s says its own in the help texts."""
     p.add_argument("--device", choices=DEVICES, default=None, help=device_help)

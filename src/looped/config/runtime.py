@@ -34,8 +34,10 @@ class InferConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = doc(
         "auto", "Where inference runs (generate, chat, eval, calibrate, serve): auto picks CUDA when present."
     )
-    dtype: Literal["float32", "bfloat16"] = doc(
-        "float32", "Weights and activations at inference; bfloat16 halves memory (best on a GPU)."
+    dtype: Literal["float32", "bfloat16", "auto"] = doc(
+        "float32",
+        "Weights and activations at inference; bfloat16 halves memory and, on a GPU or a CPU with AVX-512 BF16 "
+        "or AMX, speeds decoding; auto picks bfloat16 where the device has it (looped.infer.precision).",
     )
 
     def validate(self) -> None:

@@ -4,7 +4,7 @@ A batch-1 decode step is a chain of matrix-vector products, bound by the bytes o
 halves them, and a looped model's core then fits the cache twice as easily. That only pays where the CPU
 has bf16 dot-product instructions (AVX-512 BF16, AMX): without them torch emulates bf16 and it runs several
 times slower than float32. So `fastest_dtype` asks the CPU's flags, then confirms with a timing probe of
-a few milliseconds (run once per process) that bf16 is at least as fast here, since a torch build whose
+about 0.1 s (run once per process) that bf16 is at least as fast here, since a torch build whose
 kernels do not use the instructions gains nothing from the flags. On CUDA, bf16 wherever torch supports it.
 """
 
@@ -55,7 +55,8 @@ def _chain_seconds(weights: list[torch.Tensor], x: torch.Tensor, rounds: int) ->
 @functools.cache
 def bf16_probe_speedup() -> float:
     """fp32 time ÷ bf16 time of a batch-1 chain of matrix-vector products (a decode step in miniature, 8
-    MiB of fp32 weights) on this CPU, best of a few alternating rounds; measured once per process (about 0.1 s, most of it the first bf16 call)."""
+    MiB of fp32 weights) on this CPU, best of a few alternating rounds; measured once per process (about
+    0.1 s, most of it the first bf16 call)."""
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(1024, 1024, generator=gen) / 32 for _ in range(2)]
     x = torch.randn(1, 1024, generator=gen)
