@@ -1,15 +1,16 @@
-"""Decode speed and KV-cache memory of the looped Engine against Hugging Face transformers' Llama.
+"""Decode speed and KV-cache memory of the looped Engine against Hugging Face transformers' Llama, per dtype.
 
-One run measures, on the same machine load:
+One run measures, on the same machine load, in each dtype of --dtypes (float32 and bfloat16 by default;
+`auto` is what `looped.infer.precision.fastest_dtype` picks on this CPU):
 - the looped model: width 512, 8 heads, 2/2/2 layers, vocabulary 4096, ModelConfig's default MLP
-  (relu2 at 4·width), random init, float32, eval; `Engine(model, kv_cache=...).generate(prompts, loops=T,
+  (relu2 at 4·width), random init, eval; `Engine(model, kv_cache=...).generate(prompts, loops=T,
   max_new_tokens=N, temperature=0)` for kv_cache "shared" and "per-loop", loops 1, 4, 8, 16, batch 1 and 16
   (16 prompts in one call);
 - the reference, `transformers.LlamaForCausalLM` with the same width and heads, a SwiGLU MLP whose hidden size
   gives the same MLP parameters per layer, tied embeddings, and 2 + 2T + 2 layers: the number of blocks the
   looped model runs per token at T loops, so FLOPs per token match (12 layers for T = 4);
   `model.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False)` with its default DynamicCache
-  and attention (sdpa).
+  and attention (sdpa), in the same dtype as the looped row it is compared with.
 Prompts are 32 random tokens. Every configuration gets one untimed call, then one timed call per round,
 all configurations in each round so that drift hits every row alike; the table shows medians over rounds.
 tokens/s is generated tokens / wall time of the whole generate call; decode tokens/s leaves out the
@@ -20,11 +21,22 @@ convention), averaged over the generated tokens' context lengths 33..32+N; the L
 as 2·(layers·(4·d² + 3·d·hidden) + d·vocab) + layers·4·context·d, and both formulas are checked against
 torch's FlopCounterMode on one forward pass. KV bytes per token: looped from
 `model.kv_cache_bytes_per_token` (checked against a filled `KVCache.used_bytes()`), Llama
-2·layers·kv_heads·head_dim·4 (checked against the DynamicCache generate returns).
+2·layers·kv_heads·head_dim·bytes (checked against the DynamicCache generate returns).
 
-    .venv/bin/python bench/infer_decode.py                    # 64 new tokens, 3 rounds: ~8 minutes on 2 cores
-    .venv/bin/python bench/infer_decode.py --quick            # 16 new tokens, 1 round: ~2 minutes
+Why a dtype axis: at batch 1 a decode step reads every weight it multiplies by, so a standard model of equal
+FLOPs streams 2 + 2T + 2 distinct layers from memory per token while the looped model reads its 2 core layers
+T times, from the CPU's cache when they fit (in bf16 the core of this model is 12.6 MB). The table's
+"cache-resident speed-up" line gives, per dtype, the looped model's tokens/s over the FLOP-matched Llama's at
+each loop count (batch 1, shared cache): how much of the loop count's extra depth the cache absorbs.
+
+With --accuracy CHECKPOINT, bf16 is also checked against float32 on a trained checkpoint (a random model's
+near-uniform logits say nothing about greedy tokens): the largest |logit difference| and the mean KL over
+teacher-forced text, and how many greedy tokens agree, at each loop count of the run.
+
+    .venv/bin/python bench/infer_decode.py                    # 64 new tokens, 3 rounds, fp32 + bf16: ~16 minutes on 2 cores
+    .venv/bin/python bench/infer_decode.py --quick            # 16 new tokens, 1 round: ~4 minutes
     .venv/bin/python bench/infer_decode.py --threads 1 --json out.json   # when other jobs share the cores
+    .venv/bin/python bench/infer_decode.py --dtypes bfloat16 --loops 8 --batches 1 --quick   # the target row only
 
 Both systems run with the same torch thread count (default: torch's). On a machine whose cores are busy with
 other work, threads that wait for each other at every small op make both 10-100× slower and the ratios
@@ -34,6 +46,7 @@ noise; the table says how many CPUs other processes kept busy, and --threads 1 a
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -51,6 +64,7 @@ from looped import LoopedLM, ModelConfig
 from looped.infer.cache import KVCache
 from looped.infer.engine import Engine
 from looped.infer.forward import forward_cached
+from looped.infer.precision import cpu_flags, fastest_dtype
 
 MODEL = dict(
     width=512, n_heads=8, prelude_layers=2, core_layers=2, coda_layers=2, vocab_size=4096, max_seq_len=1024
@@ -60,6 +74,18 @@ LOOPS = (1, 4, 8, 16)
 BATCHES = (1, 16)
 MODES = ("shared", "per-loop")
 MATCH_LOOPS = 4  # the loops of the key comparison (a)
+RESIDENT_LOOPS = 8  # the loops of the cache-resident target (c)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ACCURACY_PROMPTS = [
+    "the king",
+    "Once upon a time",
+    "a dog ran",
+    "In the beginning",
+    "She said that",
+    "The city of",
+    "When he",
+    "It was a",
+]
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -119,16 +145,18 @@ def check_flops(model: LoopedLM, hf) -> dict:
 
 def kv_bytes_looped(model: LoopedLM, loops: int, mode: str, tokens: int) -> dict:
     """KV bytes per token by formula, and measured: a KVCache filled with `tokens` tokens at `loops`."""
-    cache = KVCache(model.cfg, mode, rows=1, slots=tokens)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.cfg, mode, rows=1, slots=tokens, dtype=dtype)
     forward_cached(model, cache, torch.randint(0, model.cfg.vocab_size, (1, tokens)), loops=loops)
-    formula = model.kv_cache_bytes_per_token(loops, torch.float32, shared=mode == "shared")
+    formula = model.kv_cache_bytes_per_token(loops, dtype, shared=mode == "shared")
     return dict(formula=formula, measured=cache.used_bytes() / tokens)
 
 
 def kv_bytes_llama(hf, prompts: torch.Tensor) -> dict:
     """KV bytes per token by formula, and measured in the DynamicCache of a 4-token generate."""
     hc = hf.config
-    formula = 2 * hc.num_hidden_layers * hc.num_key_value_heads * hc.head_dim * 4
+    size = next(hf.parameters()).element_size()
+    formula = 2 * hc.num_hidden_layers * hc.num_key_value_heads * hc.head_dim * size
     out = hf.generate(
         prompts,
         attention_mask=torch.ones_like(prompts),
@@ -149,6 +177,7 @@ class LoopedRow:
 
     def __init__(self, model: LoopedLM, mode: str, loops: int, prompts: list[list[int]], new: int) -> None:
         self.system, self.mode, self.depth, self.batch = "looped", mode, loops, len(prompts)
+        self.dtype = dtype_name(next(model.parameters()).dtype)
         self.engine = Engine(model, kv_cache=mode)
         self.prompts, self.new = prompts, new
         self.times: list[float] = []
@@ -176,6 +205,7 @@ class LlamaRow:
             hf.config.num_hidden_layers,
             len(prompts),
         )
+        self.dtype = dtype_name(next(hf.parameters()).dtype)
         self.hf, self.prompts, self.new = hf, prompts, new
         self.times: list[float] = []
         self.prefill: list[float] = []
@@ -203,13 +233,43 @@ class LlamaRow:
             self.decode_rates.append(self.batch * (self.new - 1) / max(seconds - prefill, 1e-9))
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtypes(text: str) -> list[torch.dtype]:
+    """ "float32,bfloat16", or "auto" for the dtype `looped.infer.precision.fastest_dtype` picks here."""
+    out = []
+    for name in (v.strip() for v in text.split(",") if v.strip()):
+        if name not in (*DTYPES, "auto"):
+            raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}, auto")
+        dtype = fastest_dtype("cpu") if name == "auto" else DTYPES[name]
+        if dtype not in out:
+            out.append(dtype)
+    return out
+
+
+def build_rows(
+    model: LoopedLM, hfs: dict, prompts: torch.Tensor, args: argparse.Namespace, new: int
+) -> list[LoopedRow | LlamaRow]:
+    """Every configuration of one dtype: the Llama references, then the looped model per cache and loops."""
+    rows: list[LoopedRow | LlamaRow] = []
+    for b in args.batches:
+        for hf in hfs.values():
+            rows.append(LlamaRow(hf, prompts[:b], new))
+        for mode in MODES:
+            for t in args.loops:
+                rows.append(LoopedRow(model, mode, t, prompts[:b].tolist(), new))
+    return rows
+
+
 def measure(args: argparse.Namespace) -> dict:
     cfg = ModelConfig(**MODEL)
     torch.manual_seed(0)
     model = LoopedLM(cfg).eval()
     new, rounds = (16, 1) if args.quick else (args.new_tokens, args.rounds)
     gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, cfg.vocab_size, (max(BATCHES), PROMPT), generator=gen)
+    prompts = torch.randint(0, cfg.vocab_size, (max(args.batches), PROMPT), generator=gen)
     # The FLOP-matched standard depth at T loops, from the library's own matching (2 + 2T + 2 here).
     match = {
         t: looped.baseline(cfg, match="flops", loops=t, seq_len=PROMPT + new).n_layers for t in args.loops
@@ -219,58 +279,50 @@ def measure(args: argparse.Namespace) -> dict:
     flops_check = check_flops(
         model, hfs[match[MATCH_LOOPS]] if MATCH_LOOPS in match else next(iter(hfs.values()))
     )
-    rows: list[LoopedRow | LlamaRow] = []
-    for b in BATCHES:
-        for hf in hfs.values():
-            rows.append(LlamaRow(hf, prompts[:b], new))
-        for mode in MODES:
-            for t in args.loops:
-                rows.append(LoopedRow(model, mode, t, prompts[:b].tolist(), new))
+    # The same weights in every dtype (a bf16 copy rounds the float32 ones), for both systems.
+    models = {d: model if d == torch.float32 else copy.deepcopy(model).to(d) for d in args.dtypes}
+    hfs_by = {
+        d: {n: hf if d == torch.float32 else copy.deepcopy(hf).to(d) for n, hf in hfs.items()}
+        for d in args.dtypes
+    }
+    rows = [r for d in args.dtypes for r in build_rows(models[d], hfs_by[d], prompts, args, new)]
 
     tokens = PROMPT + new
-    kv = {(m, t): kv_bytes_looped(model, t, m, tokens) for m in MODES for t in args.loops}
+    kv = {
+        (dtype_name(d), m, t): kv_bytes_looped(models[d], t, m, tokens)
+        for d in args.dtypes
+        for m in MODES
+        for t in args.loops
+    }
     with torch.inference_mode():
-        kv_hf = {n: kv_bytes_llama(hf, prompts[:1]) for n, hf in hfs.items()}
+        kv_hf = {
+            (dtype_name(d), n): kv_bytes_llama(hf, prompts[:1])
+            for d in args.dtypes
+            for n, hf in hfs_by[d].items()
+        }
         for i, row in enumerate(rows):
-            log(f"warm-up {i + 1}/{len(rows)}: {row.system} {row.mode} {row.depth} batch {row.batch}")
+            log(
+                f"warm-up {i + 1}/{len(rows)}: {row.dtype} {row.system} {row.mode} {row.depth} batch {row.batch}"
+            )
             row.run(timed=False)
         (everyone0, own0), wall0 = cpu_seconds(), time.perf_counter()
         for r in range(rounds):
             for i, row in enumerate(rows):
                 log(
-                    f"round {r + 1}/{rounds}, {i + 1}/{len(rows)}: {row.system} {row.mode} {row.depth} batch {row.batch}"
+                    f"round {r + 1}/{rounds}, {i + 1}/{len(rows)}: {row.dtype} {row.system} {row.mode} "
+                    f"{row.depth} batch {row.batch}"
                 )
                 row.run(timed=True)
         (everyone1, own1), wall1 = cpu_seconds(), time.perf_counter()
 
-    results = []
-    for row in rows:
-        tokens_per_s = row.batch * new / statistics.median(row.times)
-        looped_row = isinstance(row, LoopedRow)
-        kv_bytes = kv[(row.mode, row.depth)]["measured"] if looped_row else kv_hf[row.depth]["measured"]
-        layers = (
-            cfg.prelude_layers + cfg.core_layers * row.depth + cfg.coda_layers if looped_row else row.depth
-        )
-        results.append(
-            dict(
-                system=row.system,
-                kv_cache=row.mode,
-                loops=row.depth if looped_row else None,
-                layers=layers,
-                batch=row.batch,
-                flops_per_token=row.flops,
-                tokens_per_s=tokens_per_s,
-                decode_tokens_per_s=statistics.median(row.decode_rates),
-                kv_bytes_per_token=kv_bytes,
-                seconds=row.times,
-            )
-        )
+    results = [result_row(row, cfg, new, kv, kv_hf) for row in rows]
     for r in results:
         ref = next(
             (
                 x
                 for x in results
                 if x["system"] == "HF Llama"
+                and x["dtype"] == r["dtype"]
                 and x["batch"] == r["batch"]
                 and r["loops"] is not None
                 and x["layers"] == match.get(r["loops"])
@@ -278,62 +330,133 @@ def measure(args: argparse.Namespace) -> dict:
             None,
         )
         r["vs_hf"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+        r["decode_vs_hf"] = r["decode_tokens_per_s"] / ref["decode_tokens_per_s"] if ref else None
         r["flops_vs_hf"] = r["flops_per_token"] / ref["flops_per_token"] if ref else None
     background = max(0.0, ((everyone1 - everyone0) - (own1 - own0)) / (wall1 - wall0))
     return dict(
         new_tokens=new,
         rounds=rounds,
+        dtypes=[dtype_name(d) for d in args.dtypes],
+        auto_dtype=dtype_name(fastest_dtype("cpu")),
+        cpu_flags=" ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()),
         llama_hidden=next(iter(hfs.values())).config.intermediate_size,
         match=match,
         flops_check=flops_check,
-        kv_check={f"{m} T={t}": v for (m, t), v in kv.items()} | {f"llama {n}": v for n, v in kv_hf.items()},
+        kv_check={f"{d} {m} T={t}": v for (d, m, t), v in kv.items()}
+        | {f"{d} llama {n}": v for (d, n), v in kv_hf.items()},
         background_cpus=background,
         rows=results,
+        accuracy=accuracy(Path(args.accuracy), args.loops) if args.accuracy else None,
     )
 
 
+def result_row(row: LoopedRow | LlamaRow, cfg: ModelConfig, new: int, kv: dict, kv_hf: dict) -> dict:
+    looped_row = isinstance(row, LoopedRow)
+    kv_bytes = kv[(row.dtype, row.mode, row.depth)] if looped_row else kv_hf[(row.dtype, row.depth)]
+    layers = cfg.prelude_layers + cfg.core_layers * row.depth + cfg.coda_layers if looped_row else row.depth
+    return dict(
+        system=row.system,
+        dtype=row.dtype,
+        kv_cache=row.mode,
+        loops=row.depth if looped_row else None,
+        layers=layers,
+        batch=row.batch,
+        flops_per_token=row.flops,
+        tokens_per_s=row.batch * new / statistics.median(row.times),
+        decode_tokens_per_s=statistics.median(row.decode_rates),
+        kv_bytes_per_token=kv_bytes["measured"],
+        seconds=row.times,
+    )
+
+
+@torch.inference_mode()
+def accuracy(path: Path, loops: list[int], new: int = 48) -> dict:
+    """bf16 against float32 on a trained checkpoint: teacher-forced logits over the float32 model's greedy
+    continuations of a few prompts (largest |Δ|, mean KL(fp32 ‖ bf16), argmax agreement), and how many
+    greedy tokens the bf16 Engine produces before its first difference from the float32 one."""
+    from looped.checkpoint import load
+
+    fp32, bf16 = load(path, dtype=torch.float32).eval(), load(path, dtype=torch.bfloat16).eval()
+    engines = {torch.float32: Engine(fp32), torch.bfloat16: Engine(bf16)}
+    if (path / "tokenizer.json").is_file():
+        from looped.data.tokenizer import Tokenizer
+
+        prompts = [Tokenizer.load(path).encode(text) for text in ACCURACY_PROMPTS]
+    else:
+        gen = torch.Generator().manual_seed(1)
+        prompts = torch.randint(0, fp32.cfg.vocab_size, (len(ACCURACY_PROMPTS), 8), generator=gen).tolist()
+    out = {}
+    for t in loops:
+        diff = kl = agree = 0.0
+        same = total = 0
+        for p in prompts:
+            a, b = (
+                engines[d].generate(p, loops=t, max_new_tokens=new, temperature=0).token_ids for d in engines
+            )
+            same += next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+            total += len(a)
+            ids = torch.tensor([p + a])
+            hi, lo = fp32(ids, loops=t).logits[0], bf16(ids, loops=t).logits[0]
+            diff = max(diff, float((hi - lo).abs().max()))
+            lp_hi, lp_lo = hi.log_softmax(-1), lo.log_softmax(-1)
+            kl += float((lp_hi.exp() * (lp_hi - lp_lo)).sum(-1).mean()) / len(prompts)
+            agree += float((hi.argmax(-1) == lo.argmax(-1)).float().mean()) / len(prompts)
+        out[t] = dict(
+            max_abs_logit_diff=diff, mean_kl=kl, argmax_agreement=agree, greedy_same=same, greedy_total=total
+        )
+    return dict(checkpoint=str(path), new_tokens=new, by_loops=out)
+
+
 # ---------------------------------------------------------------------------------------------- report
+def find(r: dict, dtype: str, mode: str, loops: int, batch: int = 1) -> dict | None:
+    return next(
+        (
+            x
+            for x in r["rows"]
+            if x["system"] == "looped"
+            and x["dtype"] == dtype
+            and x["kv_cache"] == mode
+            and x["loops"] == loops
+            and x["batch"] == batch
+        ),
+        None,
+    )
+
+
 def targets(r: dict) -> list[tuple[str, bool | None, str]]:
     out = []
-    for mode in MODES:
-        row = next(
-            (
-                x
-                for x in r["rows"]
-                if x["system"] == "looped"
-                and x["kv_cache"] == mode
-                and x["loops"] == MATCH_LOOPS
-                and x["batch"] == 1
-            ),
-            None,
-        )
+    for mode in MODES:  # issue 4's target, in float32 as it was set
+        name = f"(a) float32 {mode}: ≥ 3× HF tokens/s at batch 1, equal FLOPs (T={MATCH_LOOPS})"
+        row = find(r, "float32", mode, MATCH_LOOPS)
         if row is None or row["vs_hf"] is None:
-            out.append((f"(a) {mode}: ≥ 3× HF tokens/s at batch 1, equal FLOPs", None, "not measured"))
-            continue
-        out.append(
-            (
-                f"(a) {mode}: ≥ 3× HF tokens/s at batch 1, equal FLOPs (T={MATCH_LOOPS} vs "
-                f"{r['match'][MATCH_LOOPS]} layers)",
-                row["vs_hf"] >= 3,
-                f"{row['vs_hf']:.2f}×",
+            out.append((name, None, "not measured"))
+        else:
+            out.append((name, row["vs_hf"] >= 3, f"{row['vs_hf']:.2f}×"))
+    for d in r["dtypes"]:
+        lo, hi = r["kv_check"].get(f"{d} shared T=1"), r["kv_check"].get(f"{d} shared T=16")
+        name = f"(b) {d}: shared KV bytes at 16 loops ≤ 1.1× those at 1 loop"
+        if lo and hi:
+            ratio = hi["measured"] / lo["measured"]
+            out.append((name, ratio <= 1.1, f"{ratio:.2f}×"))
+        else:
+            out.append((name, None, "loops 1 and 16 not both run"))
+    for d in r["dtypes"]:  # issue 17 §2b: the core stays in cache, each layer of Llama streams
+        name = f"(c) {d} shared: ≥ 1.5× the FLOP-matched Llama in {d} at batch 1, T={RESIDENT_LOOPS}"
+        row = find(r, d, "shared", RESIDENT_LOOPS)
+        if row is None or row["vs_hf"] is None:
+            out.append((name, None, "not measured"))
+        else:
+            out.append(
+                (name, row["vs_hf"] >= 1.5, f"{row['vs_hf']:.2f}× (decode only {row['decode_vs_hf']:.2f}×)")
             )
-        )
-    kv = r["kv_check"]
-    lo, hi = kv.get("shared T=1"), kv.get("shared T=16")
-    if lo and hi:
-        ratio = hi["measured"] / lo["measured"]
-        out.append(("(b) shared KV bytes at 16 loops ≤ 1.1× those at 1 loop", ratio <= 1.1, f"{ratio:.2f}×"))
-    else:
-        out.append(
-            ("(b) shared KV bytes at 16 loops ≤ 1.1× those at 1 loop", None, "loops 1 and 16 not both run")
-        )
     return out
 
 
-def print_table(r: dict) -> None:
+def print_header(r: dict) -> None:
     print(
-        f"{r['date']}  {r['machine']}, {r['cpus']} CPUs, {r['threads']} threads, torch {r['torch']}, "
-        f"transformers {r['transformers']}, float32"
+        f"{r['date']}  {r['machine']} ({r['cpu_flags']}), {r['cpus']} CPUs, {r['threads']} threads, "
+        f"torch {r['torch']}, transformers {r['transformers']}; dtypes {', '.join(r['dtypes'])} "
+        f"(auto picks {r['auto_dtype']} here)"
     )
     m = r["model"]
     print(
@@ -350,8 +473,12 @@ def print_table(r: dict) -> None:
         f"FLOPs formula ÷ FlopCounterMode (one forward, 96 tokens): looped {fc['looped']:.4f}, "
         f"Llama {fc['llama']:.4f}\n"
     )
+
+
+def print_table(r: dict) -> None:
+    print_header(r)
     head = (
-        f"{'system':<9} {'kv_cache':<8} {'loops':>5} {'layers':>6} {'batch':>5} {'FLOPs/token':>11} "
+        f"{'dtype':<8} {'system':<9} {'kv_cache':<8} {'loops':>5} {'layers':>6} {'batch':>5} {'FLOPs/token':>11} "
         f"{'tokens/s':>8} {'decode/s':>8} {'vs HF':>6} {'KV B/token':>10}"
     )
     print(head + "\n" + "-" * len(head))
@@ -359,19 +486,33 @@ def print_table(r: dict) -> None:
         loops = "-" if x["loops"] is None else str(x["loops"])
         vs = "-" if x["vs_hf"] is None else f"{x['vs_hf']:.2f}×"
         print(
-            f"{x['system']:<9} {x['kv_cache']:<8} {loops:>5} {x['layers']:>6} {x['batch']:>5} "
+            f"{x['dtype']:<8} {x['system']:<9} {x['kv_cache']:<8} {loops:>5} {x['layers']:>6} {x['batch']:>5} "
             f"{x['flops_per_token'] / 1e6:10.1f}M {x['tokens_per_s']:8.1f} {x['decode_tokens_per_s']:8.1f} "
             f"{vs:>6} {x['kv_bytes_per_token']:10.0f}"
         )
     print(
-        "\nvs HF: tokens/s over the FLOP-matched Llama's (2 + 2T + 2 layers) at the same batch; "
+        "\nvs HF: tokens/s over the FLOP-matched Llama's (2 + 2T + 2 layers) in the same dtype at the same batch; "
         "FLOPs ratio looped/Llama: "
         + ", ".join(
             f"T={x['loops']} {x['flops_vs_hf']:.3f}"
             for x in r["rows"]
-            if x["system"] == "looped" and x["batch"] == 1 and x["kv_cache"] == "shared" and x["flops_vs_hf"]
+            if x["system"] == "looped"
+            and x["batch"] == 1
+            and x["kv_cache"] == "shared"
+            and x["flops_vs_hf"]
+            and x["dtype"] == r["dtypes"][0]
         )
     )
+    print(
+        "cache-resident speed-up (batch 1, shared; tokens/s, and decode steps only, over the Llama of 2 + 2T + 2 layers):"
+    )
+    for d in r["dtypes"]:
+        cells = [
+            f"T={t} {x['vs_hf']:.2f}× ({x['decode_vs_hf']:.2f}×)"
+            for t in sorted(r["match"])
+            if (x := find(r, d, "shared", t)) is not None and x["vs_hf"] is not None
+        ]
+        print(f"  {d:<9} " + ", ".join(cells))
     bad = [k for k, v in r["kv_check"].items() if abs(v["measured"] - v["formula"]) > 0.5]
     print(
         "KV bytes/token: measured in filled caches; "
@@ -381,6 +522,17 @@ def print_table(r: dict) -> None:
             else f"DIFFERS from the formula for {', '.join(bad)}"
         )
     )
+    if r["accuracy"]:
+        acc = r["accuracy"]
+        print(
+            f"\nbf16 against float32 on {acc['checkpoint']} ({acc['new_tokens']} greedy tokens from {len(ACCURACY_PROMPTS)} prompts):"
+        )
+        for t, a in acc["by_loops"].items():
+            print(
+                f"  T={t}: max |Δlogit| {a['max_abs_logit_diff']:.3f}, mean KL {a['mean_kl']:.1e}, "
+                f"argmax agreement {a['argmax_agreement']:.3f}, greedy tokens before the first difference "
+                f"{a['greedy_same']}/{a['greedy_total']}"
+            )
     print()
     for name, ok, value in targets(r):
         verdict = "n/a " if ok is None else ("PASS" if ok else "FAIL")
@@ -391,13 +543,28 @@ def print_table(r: dict) -> None:
         )
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="16 new tokens and one round, for a smoke run")
     p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens to generate per prompt")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (the table shows medians)")
-    p.add_argument("--loops", type=lambda s: [int(v) for v in s.split(",")], default=list(LOOPS))
+    p.add_argument("--loops", type=_int_list, default=list(LOOPS))
+    p.add_argument("--batches", type=_int_list, default=list(BATCHES), help="batch sizes (default 1,16)")
+    p.add_argument(
+        "--dtypes",
+        type=parse_dtypes,
+        default=[torch.float32, torch.bfloat16],
+        help="weights and activations of both systems: float32, bfloat16 or auto, comma-separated "
+        "(default float32,bfloat16)",
+    )
+    p.add_argument(
+        "--accuracy", metavar="CHECKPOINT", help="also compare bf16 with float32 on this trained checkpoint"
+    )
     p.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's)"
     )
@@ -418,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print_table(report)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
         log(f"wrote {args.json}")
 
 
