@@ -202,6 +202,7 @@ class CacheView:
         self._r = rows.to(cache.device)[:, None]
         self._s = slots.to(cache.device)
         self._layers: dict[int, CacheLayer] = {}
+        self._f32: torch.Tensor | None = None  # float32 keys and values for SingleQueryLayer
 
     def subset(self, index: torch.Tensor) -> CacheView:
         """The same call restricted to batch entries `index` (rows still running the loop)."""
@@ -211,7 +212,7 @@ class CacheView:
         view.contiguous, view.block = False, None
         view.mask = None if self.mask is None else self.mask[index]
         view._r, view._s = self._r[index], self._s[index]
-        view._layers = {}
+        view._layers, view._f32 = {}, None
         return view
 
     def layer(self, part: str, layer: int, loop: int = 0) -> CacheLayer:
@@ -224,6 +225,16 @@ class CacheView:
             kind = SingleQueryLayer if self._single_query() else CacheLayer
             found = self._layers[id(kv)] = kind(self, kv)
         return found
+
+    def upcast(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys and values (B, n_kv, S, hd) in float32, in two buffers that every layer of this call reuses
+        (layers run one after another): a fresh 100+ KiB tensor per layer would come from mmap each time,
+        page faults included, and cost more than the attention itself."""
+        if self._f32 is None or self._f32.shape != (2, *keys.shape):
+            self._f32 = torch.empty((2, *keys.shape), dtype=torch.float32, device=keys.device)
+        self._f32[0].copy_(keys)
+        self._f32[1].copy_(values)
+        return self._f32[0], self._f32[1]
 
     def _single_query(self) -> bool:
         """A decode step (one new token per row, each seeing all its keys) on a CPU cache in bf16/fp16 with
@@ -290,11 +301,12 @@ class SingleQueryLayer(CacheLayer):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, 1, H, hd), k and v (B, 1, n_kv, hd) after RoPE → attention output (B, 1, H·hd)."""
-        keys, values, _, _ = self.update(k, v)  # (B, n_kv, S, hd) each
+        keys, values = self.update(k, v)[:2]  # (B, n_kv, S, hd) each
         B, _, H, hd = q.shape
         n_kv = keys.shape[1]
+        keys, values = self.view.upcast(keys, values)
         # Query head h reads key head h // (H / n_kv), as SDPA's enable_gqa pairs them.
         queries = q.reshape(B, n_kv, H // n_kv, hd).float().mul_(hd**-0.5)  # (B, n_kv, g, hd)
-        scores = torch.matmul(queries, keys.float().transpose(-1, -2))  # (B, n_kv, g, S)
-        out = torch.matmul(torch.softmax(scores, dim=-1), values.float())  # (B, n_kv, g, hd)
+        scores = torch.matmul(queries, keys.transpose(-1, -2))  # (B, n_kv, g, S)
+        out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (B, n_kv, g, hd)
         return out.reshape(B, 1, H * hd).to(q.dtype)
