@@ -145,6 +145,16 @@ def test_engine_device_and_dtype_default_to_infer_config(trained, tmp_path):
     assert next(engine.model.parameters()).dtype == torch.float32
 
 
+@pytest.mark.parametrize("fastest", [torch.bfloat16, torch.float32])
+def test_auto_dtype_is_what_the_device_computes_fastest(trained, tmp_path, monkeypatch, fastest):
+    import looped.infer.precision as precision
+
+    asked = []
+    monkeypatch.setattr(precision, "fastest_dtype", lambda device: asked.append(device) or fastest)
+    engine = Engine.from_checkpoint(with_infer(trained, tmp_path, dtype="auto", device="cpu"))
+    assert next(engine.model.parameters()).dtype == fastest and asked == [torch.device("cpu")]
+
+
 def test_auto_device_is_cuda_when_available(monkeypatch):
     """ "auto" follows what torch reports, both ways (checked here whether or not this machine has a GPU)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

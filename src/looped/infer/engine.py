@@ -202,7 +202,7 @@ class Engine:
         path = Path(path)
         infer = infer if infer is not None else load_config_dir(path).infer
         device = resolve_device(device if device is not None else infer.device)
-        dtype = resolve_dtype(dtype if dtype is not None else infer.dtype)
+        dtype = resolve_dtype(dtype if dtype is not None else infer.dtype, device)
         model = load(path, device=device, dtype=dtype)
         tokenizer = None
         if (path / "tokenizer.json").is_file():
@@ -704,10 +704,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """The torch.dtype for "float32" or "bfloat16" (a torch.dtype passes through)."""
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """The torch.dtype for "float32", "bfloat16" or "auto" (the fastest `device` computes in:
+    `looped.infer.precision.fastest_dtype`); a torch.dtype passes through."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        from looped.infer.precision import fastest_dtype
+
+        return fastest_dtype(device)
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose {' or '.join(DTYPES)}")
+        raise ValueError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES)} or auto")
     return DTYPES[dtype]

@@ -92,7 +92,7 @@ def evaluate_checkpoint(
 
     cfg = load_config_dir(checkpoint)
     place = resolve_device(device or cfg.infer.device)
-    model = load(checkpoint, device=place, dtype=resolve_dtype(dtype or cfg.infer.dtype))
+    model = load(checkpoint, device=place, dtype=resolve_dtype(dtype or cfg.infer.dtype, place))
     tokens = TokenData.open(data or cfg.data.path)
     if tokens.tokenizer.vocab_size != model.cfg.vocab_size:
         raise ValueError(

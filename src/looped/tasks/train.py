@@ -428,7 +428,8 @@ def evaluate_task_checkpoint(
             f"--baseline is not supported for {task}; evaluate the baseline checkpoint on its own"
         )
     infer = load_config_dir(checkpoint).infer
-    place = {"device": resolve_device(device or infer.device), "dtype": resolve_dtype(dtype or infer.dtype)}
+    where = resolve_device(device or infer.device)
+    place = {"device": where, "dtype": resolve_dtype(dtype or infer.dtype, where)}
     model, run = load_task_model(checkpoint)
     model.to(**place)
     if task in multimodal.MULTIMODAL_TASKS:
