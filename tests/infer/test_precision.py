@@ -143,19 +143,20 @@ def one_step_view(cfg, dtype: torch.dtype, length: int):
 
 def test_single_query_attention_equals_sdpa_on_the_same_keys():
     cfg = tiny(
-        width=64, n_heads=4, n_kv_heads=2, max_seq_len=512
+        width=64, n_heads=4, n_kv_heads=2, max_seq_len=1024
     )  # grouped-query: 2 query heads per key head
-    cache, view = one_step_view(cfg, torch.bfloat16, 300)
+    n = cache_module.SINGLE_QUERY_MIN_ELEMENTS // (cfg.n_heads * cfg.resolved_head_dim) + 1
+    cache, view = one_step_view(cfg, torch.bfloat16, n)
     layer = view.layer("core", 0)
     assert isinstance(layer, SingleQueryLayer)
     gen = torch.Generator().manual_seed(1)
     hd = cfg.resolved_head_dim
     q = torch.randn(1, 1, 4, hd, generator=gen).to(torch.bfloat16)
     k, v = (torch.randn(1, 1, 2, hd, generator=gen).to(torch.bfloat16) for _ in range(2))
-    got = layer.attend(q, k, v)  # (1, 1, H·hd), also stores k and v at slot 300
+    got = layer.attend(q, k, v)  # (1, 1, H·hd), also stores k and v at slot n
     K, V = cache.group("core", 0)
-    assert torch.equal(K[0, :, 300], k[0, 0]) and torch.equal(V[0, :, 300], v[0, 0])
-    keys, values = K[:, :, :301].double(), V[:, :, :301].double()
+    assert torch.equal(K[0, :, n], k[0, 0]) and torch.equal(V[0, :, n], v[0, 0])
+    keys, values = K[:, :, : n + 1].double(), V[:, :, : n + 1].double()
     want = F.scaled_dot_product_attention(q.double().transpose(1, 2), keys, values, enable_gqa=True)
     want = want.transpose(1, 2).reshape(1, 1, -1)
     assert got.dtype == torch.bfloat16
@@ -163,7 +164,7 @@ def test_single_query_attention_equals_sdpa_on_the_same_keys():
 
 
 def test_single_query_attention_is_used_only_where_it_pays():
-    cfg = tiny(width=64, n_heads=4, max_seq_len=512)
+    cfg = tiny(width=64, n_heads=4, max_seq_len=1024)
     per_key = cfg.n_heads * cfg.resolved_head_dim
     enough = cache_module.SINGLE_QUERY_MIN_ELEMENTS // per_key + 1
     assert isinstance(one_step_view(cfg, torch.bfloat16, enough)[1].layer("core", 0), SingleQueryLayer)

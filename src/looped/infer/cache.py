@@ -21,10 +21,11 @@ import torch
 
 from looped.config import ModelConfig
 
-# Below this many key elements per row (keys × query heads × head_dim), torch's CPU attention kernel's cost is
-# mostly fixed and it beats `SingleQueryLayer`'s ~25 µs; above it, its cost grows ~2.5× faster (measured on
-# a Zen 4 core in bf16: the two meet near 28 keys at 8 × 64, 70 keys at 3 × 64, 300 keys at 8 × 8).
-SINGLE_QUERY_MIN_ELEMENTS = 16384
+# Below this many key elements per row (keys × query heads × head_dim), torch's CPU attention kernel costs
+# less than `SingleQueryLayer`'s ten small ops; above it, its cost grows ~2.5× faster. In a whole bf16 decode
+# step of a width-512 model (8 heads of 64, one Zen 4 core) the two break even near 64 keys; SingleQueryLayer
+# saves 4 % of the step at 200 keys and 17 % at 500.
+SINGLE_QUERY_MIN_ELEMENTS = 32768
 
 KVMode = Literal["per-loop", "shared"]
 KV_MODES = ("per-loop", "shared")
@@ -292,9 +293,9 @@ class SingleQueryLayer(CacheLayer):
 
     Why: torch's CPU attention kernel (flash) is slow for a single bf16 query, about 85 µs per layer at 96
     keys and 8 heads of 64, 440 µs at 512, on a Zen 4 core, against 45 and 125 µs for two float32 matrix
-    products over the upcast keys and values here. The result is the same attention (scale 1/√head_dim, grouped-query heads
-    as SDPA's enable_gqa pairs them), accumulated in float32 as the flash kernel does, then rounded to the
-    cache's dtype.
+    products over the upcast keys and values here. The result is the same attention (scale 1/√head_dim,
+    grouped-query heads as SDPA's enable_gqa pairs them), accumulated in float32 as the flash kernel does,
+    then rounded to the cache's dtype.
     """
 
     __slots__ = ()
