@@ -10,54 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from looped.config import ModelConfig
+from looped.model.kernels import relu2, rms_norm, rotate_pairs
 from looped.model.kv import LayerAttention, LayerKV
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """F.rms_norm forward with a hand-written backward, for devices where autograd decomposes the backward.
-
-    On CPU the forward is one fused kernel, but autograd differentiates the decomposed norm: about ten
-    elementwise passes over (B, S, D). This backward makes five, and two matrix-vector products.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        # Low-precision inputs are reduced in float32, and F.rms_norm's default eps is float32's then.
-        ctx.acc = torch.promote_types(x.dtype, torch.float32)
-        ctx.eps = torch.finfo(ctx.acc).eps if eps is None else eps
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
-        x, weight = ctx.saved_tensors
-        # y = x·r·w with r = (mean(x²) + eps)^(-1/2) per row:
-        #   dx = r·(g·w) − x·r³·mean(g·w·x),   dw = Σ_rows g·x·r.
-        xf, g = x.to(ctx.acc), grad.to(ctx.acc)  # no-ops in float32
-        d = x.shape[-1]
-        r = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(d).add_(ctx.eps))
-        gx_prod = g * xf  # (..., D)
-        rows = gx_prod.reshape(-1, d)
-        if weight is None:
-            dot = gx_prod.sum(-1, keepdim=True)
-            dx = g * r
-        else:
-            w = weight.to(ctx.acc)
-            dot = (rows @ w).view(r.shape)
-            dx = (g * w).mul_(r)
-        dx.addcmul_(xf, r.pow(3).mul_(dot).div_(d), value=-1)
-        dw = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            dw = (r.reshape(1, -1) @ rows).view(-1).to(weight.dtype)
-        return dx.to(x.dtype), dw, None
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | None = None) -> torch.Tensor:
-    """RMSNorm over the last dimension: F.rms_norm, the same numbers forward, a faster backward on CPU."""
-    # CUDA differentiates F.rms_norm with fused kernels of its own; the CPU decomposes it (see above).
-    if x.device.type == "cpu" and torch.is_grad_enabled():
-        return _RMSNormFunction.apply(x, weight, eps)
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 class RMSNorm(nn.Module):
@@ -156,12 +110,7 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor, pairing: str = "interleaved
     rotation = (
         rotation[None, :, None, :] if rotation.ndim == 2 else rotation[:, :, None, :]
     )  # (·, S, 1, hd/2)
-    if pairing == "half":
-        xf, h = x.float(), x.shape[-1] // 2
-        turned = torch.complex(xf[..., :h], xf[..., h:]) * rotation  # (B, S, H, hd/2)
-        return torch.cat([turned.real, turned.imag], dim=-1).type_as(x)
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, S, H, hd/2)
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+    return rotate_pairs(x, rotation, pairing)  # (B, S, H, hd), backward by hand (model/kernels.py)
 
 
 class Attention(nn.Module):
@@ -242,20 +191,6 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, S, self.n_heads * self.hd))
 
 
-class _ReLU2Function(torch.autograd.Function):
-    """relu(h)², whose backward 2·relu(h)·g allocates one (B, S, hidden) tensor where autograd's allocates four."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(h)
-        return F.relu(h).square_()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (h,) = ctx.saved_tensors
-        return F.relu(h).mul_(grad).mul_(2)
-
-
 class MLP(nn.Module):
     """Feed-forward: swiglu (w_out(silu(w_gate x) · w_in x)), relu2 (w_out(relu(w_in x)²)) or gelu."""
 
@@ -273,7 +208,7 @@ class MLP(nn.Module):
         if self.w_gate is not None:
             h = F.silu(self.w_gate(x)) * h
         elif self.kind == "relu2":
-            h = _ReLU2Function.apply(h)
+            h = relu2(h, inplace=True)  # h is this call's own projection
         else:
             h = F.gelu(h)
         return self.w_out(h)
