@@ -68,6 +68,8 @@ def test_auto_picks_bf16_only_with_the_flags_and_a_probe_that_agrees(monkeypatch
     assert precision.fastest_dtype(torch.device("cpu")) == torch.bfloat16
     monkeypatch.setattr(precision, "bf16_probe_speedup", lambda: 0.4)  # flags, but kernels that ignore them
     assert precision.fastest_dtype("cpu") == torch.float32
+    monkeypatch.setattr(precision, "bf16_probe_speedup", lambda: 1.1)  # within noise of float32: not believed
+    assert precision.fastest_dtype("cpu") == torch.float32
 
 
 def test_auto_on_cuda_follows_torch(monkeypatch):
