@@ -29,6 +29,10 @@ T times, from the CPU's cache when they fit (in bf16 the core of this model is 1
 "cache-resident speed-up" line gives, per dtype, the looped model's tokens/s over the FLOP-matched Llama's at
 each loop count (batch 1, shared cache): how much of the loop count's extra depth the cache absorbs.
 
+The "matmul-only bound" line times nothing but the batch-1 matrix products of one decode step of each
+system (the same weights, in the same order, back to back): the ratio a step free of every other cost
+(norms, attention, dispatch) would reach, so the table shows how much of the gap to it is overhead.
+
 With --accuracy CHECKPOINT, bf16 is also checked against float32 on a trained checkpoint (a random model's
 near-uniform logits say nothing about greedy tokens): the largest |logit difference| and the mean KL over
 teacher-forced text, and how many greedy tokens agree, at each loop count of the run.
@@ -169,6 +173,52 @@ def kv_bytes_llama(hf, prompts: torch.Tensor) -> dict:
     nbytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     tokens = prompts.shape[0] * cache.get_seq_length()
     return dict(formula=formula, measured=nbytes / tokens)
+
+
+# ---------------------------------------------------------------------------------------------- matmul bound
+def looped_weights(model: LoopedLM, loops: int) -> list[torch.Tensor]:
+    """The weight matrices a batch-1 decode step of `model` multiplies by, in the order it does (the head last)."""
+
+    def block(b) -> list[torch.Tensor]:
+        mods = [b.attn.wq, b.attn.wk, b.attn.wv, b.attn.wo, b.mlp.w_in, b.mlp.w_gate, b.mlp.w_out]
+        return [m.weight for m in mods if m is not None]
+
+    out = [w for b in model.prelude for w in block(b)]
+    if getattr(model.injection, "B", None) is not None:
+        out.append(model.injection.B.weight)
+    out += [w for _ in range(loops) for b in model.core for w in block(b)]
+    if model.readout is not None:
+        out.append(model.readout.weight)
+    return out + [w for b in model.coda for w in block(b)] + [model.head.weight]
+
+
+def llama_weights(hf) -> list[torch.Tensor]:
+    out = []
+    for layer in hf.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        out += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight]
+        out += [m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
+    return out + [hf.lm_head.weight]
+
+
+@torch.inference_mode()
+def matmul_bound(model: LoopedLM, hf, loops: int, reps: int = 7) -> float:
+    """Llama's time ÷ the looped model's for nothing but the batch-1 products of one decode step, back to back:
+    the tokens/s ratio a decode step without any other cost (norms, attention, dispatch) would reach. It
+    measures the weights' traffic as the step sees it: the looped core read T times (from cache when it
+    stays there), every Llama layer once."""
+    dtype = next(model.parameters()).dtype
+    mats = {"looped": looped_weights(model, loops), "llama": llama_weights(hf)}
+    inputs = {n: torch.randn(1, n, dtype=dtype) for w in mats["looped"] + mats["llama"] for n in [w.shape[1]]}
+    times: dict[str, list[float]] = {"looped": [], "llama": []}
+    for r in range(reps + 1):  # the first round warms up
+        for name, ws in mats.items():
+            t = time.perf_counter()
+            for w in ws:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+            if r:
+                times[name].append(time.perf_counter() - t)
+    return statistics.median(times["llama"]) / statistics.median(times["looped"])
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -347,6 +397,10 @@ def measure(args: argparse.Namespace) -> dict:
         background_cpus=background,
         rows=results,
         accuracy=accuracy(Path(args.accuracy), args.loops) if args.accuracy else None,
+        matmul_bound={
+            dtype_name(d): {t: matmul_bound(models[d], hfs_by[d][match[t]], t) for t in args.loops}
+            for d in args.dtypes
+        },
     )
 
 
@@ -513,6 +567,11 @@ def print_table(r: dict) -> None:
             if (x := find(r, d, "shared", t)) is not None and x["vs_hf"] is not None
         ]
         print(f"  {d:<9} " + ", ".join(cells))
+    print(
+        "matmul-only bound (the same step's batch-1 products back to back, nothing else; Llama's time ÷ looped's):"
+    )
+    for d, by_loops in r["matmul_bound"].items():
+        print(f"  {d:<9} " + ", ".join(f"T={t} {v:.2f}×" for t, v in by_loops.items()))
     bad = [k for k, v in r["kv_check"].items() if abs(v["measured"] - v["formula"]) > 0.5]
     print(
         "KV bytes/token: measured in filled caches; "
