@@ -38,6 +38,7 @@ from common import cpu_name, cpu_seconds  # bench/common.py: bench/ is on sys.pa
 
 import looped
 from looped import LoopedLM, ModelConfig
+from looped.train.step import keep_freed_memory
 
 # Width 512, 2/2/2 layers, head_dim 128, ReLU² at 4×, QK-norm and value embeddings as in the Parcae presets.
 FULL = dict(
@@ -80,6 +81,7 @@ class Trainer:
     """A model, its optimizer and one fixed batch; `step` runs a full training step and returns its seconds."""
 
     def __init__(self, cfg: ModelConfig, batch: int, seq: int, model: torch.nn.Module | None = None) -> None:
+        keep_freed_memory()  # as looped's training loop does (train/step.py): every row of this process
         torch.manual_seed(0)
         self.model = (LoopedLM(cfg) if model is None else model).train()
         # Fused AdamW: one kernel over all parameters, about 5× faster than foreach on this CPU.
