@@ -202,3 +202,18 @@ def test_a_shared_core_layer_is_one_object_for_every_loop():
     per_loop.ensure_loops(2)
     view = per_loop.view(torch.tensor([0]), torch.tensor([[0]]))
     assert view.layer("core", 0, 0) is not view.layer("core", 0, 1)
+
+
+def test_single_query_attention_keeps_the_rows_of_a_batch_apart(models, monkeypatch):
+    """Rows decoded together through SingleQueryLayer give each row's logits decoded alone."""
+    _, bf16 = models
+    monkeypatch.setattr(cache_module, "SINGLE_QUERY_MIN_ELEMENTS", 0)
+    ids = torch.randint(0, bf16.cfg.vocab_size, (3, 20), generator=torch.Generator().manual_seed(7))
+    together = KVCache(bf16.cfg, "shared", rows=3, slots=8, dtype=torch.bfloat16)
+    forward_cached(bf16, together, ids[:, :8], loops=2)
+    for s in range(8, 20):
+        out = forward_cached(bf16, together, ids[:, s : s + 1], loops=2).logits
+    for b in range(3):
+        alone = decode(bf16, ids[b : b + 1], 8, 2)[-1]
+        torch.testing.assert_close(out[b], alone, rtol=0, atol=1e-2 * float(alone.abs().max()))
+    assert not torch.allclose(out[0], out[1])  # the rows differ, so mixing them up would show
