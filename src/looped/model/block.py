@@ -48,7 +48,8 @@ class Block(nn.Module):
 def _add(fresh: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """x + fresh, where `fresh` is a branch output nobody else holds: without autograd it is added into in
     place (one allocation fewer per residual; the same numbers, + commutes exactly). x itself is never
-    written, since callers keep it (the loop state, the injected e)."""
+    written, since callers keep it (the loop state, the injected e). A forward hook that keeps the output
+    of `attn` or `mlp` under no_grad should clone it: it is the residual sum afterwards."""
     if torch.is_grad_enabled() or fresh.shape != x.shape or fresh.dtype != x.dtype:
         return x + fresh
     return fresh.add_(x)
