@@ -121,8 +121,9 @@ class KVCache:
 
     def reset(self) -> None:
         """Forget every row; per-loop groups are dropped too, so one deep request does not leave later ones
-        copying entries into loops they never run (and the memory is given back)."""
-        self.lengths.zero_()
+        copying entries into loops they never run (and the memory is given back). A new lengths tensor, not
+        an in-place zero: the Engine's steps run under inference mode, and this may be called outside it."""
+        self.lengths = torch.zeros_like(self.lengths)
         self.in_use = [False] * self.rows
         if self.mode == "per-loop":
             for key in [k for k in self.groups if k[0] == "core"]:
