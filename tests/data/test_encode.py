@@ -4,6 +4,8 @@ encoding in this process."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import SAMPLE, random_text
 
-from looped.data import Tokenizer
+from looped.data import DataError, Tokenizer
 from looped.data import encode as encode_module
 from looped.data.encode import encode_documents, encode_texts, segments
 
@@ -148,3 +150,15 @@ def test_workers_exit_when_the_parent_is_killed(bpe: Tokenizer, tmp_path: Path) 
         time.sleep(0.1)
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "orphaned workers still run"
     assert not (tmp_path / "out").exists()  # only the temporary folder is left behind
+
+
+def test_a_dead_worker_is_an_error_not_a_wait(bpe: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(encode_module, "BATCH_CHARS", 500)
+    stream = encode_documents(((i, "word " * 100) for i in range(10**6)), bpe, np.dtype("<u2"), 2)
+    next(stream)
+    victim = next(p for p in multiprocessing.active_children() if p.name == "looped-encode")
+    os.kill(victim.pid, signal.SIGKILL)  # as the out-of-memory killer would
+    with pytest.raises(DataError, match="an encoding worker stopped"):
+        for _ in stream:
+            pass
+    assert not multiprocessing.active_children()

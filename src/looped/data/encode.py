@@ -17,16 +17,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
+from looped.data.errors import DataError
 from looped.data.tokenizer import Tokenizer
 
-BATCH_CHARS = 1 << 20
-SEGMENT_CHARS = 1 << 20
+BATCH_CHARS = 1 << 18
+SEGMENT_CHARS = 1 << 18
 # Batches in flight per worker: one being encoded and one waiting, so a worker never idles for the parent.
 IN_FLIGHT_PER_WORKER = 2
 PARENT_CHECK_SECONDS = 1.0
@@ -117,52 +117,107 @@ def encode_texts(tokenizer: Tokenizer, dtype: np.dtype, texts: list[str]) -> tup
 def _in_workers(
     batches: Iterator[Batch], tokenizer: Tokenizer, dtype: np.dtype, workers: int
 ) -> Iterator[tuple[list[tuple[Any, bool]], tuple[np.ndarray, np.ndarray]]]:
-    """Each batch's (owners, encoded) in order, encoded by a pool of `workers` processes."""
-    # spawn, not fork: a forked child of a process whose tokenizers already ran threads (the BPE trainer) may
-    # deadlock, and a fresh interpreter that imports only numpy and tokenizers is small.
-    context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(
-        workers,
-        mp_context=context,
-        initializer=_start_worker,
-        initargs=(tokenizer.hf.to_str(), dtype.str, os.getpid()),
-    )
+    """Each batch's (owners, encoded) in order; batch i is encoded by worker i % workers."""
+    pool = _Pool(workers, tokenizer, dtype)
     pending: deque = deque()
+    sent = received = 0
+    finished = False
     try:
         for owners, texts in batches:
-            pending.append((owners, pool.submit(_encode_in_worker, texts)))
+            pool.send(sent, texts)
+            pending.append(owners)
+            sent += 1
             if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
-                owners, future = pending.popleft()
-                yield owners, future.result()
+                yield pending.popleft(), pool.receive(received)
+                received += 1
         while pending:
-            owners, future = pending.popleft()
-            yield owners, future.result()
+            yield pending.popleft(), pool.receive(received)
+            received += 1
+        finished = True
     finally:
-        # On an error or Ctrl-C in the parent: drop the queued batches, wait for the running ones.
-        pool.shutdown(wait=True, cancel_futures=True)
+        # On an error, Ctrl-C or a consumer that stops early, the workers are stopped at once.
+        pool.close(abort=not finished)
 
 
-_worker: tuple[Tokenizer, np.dtype] | None = None
+class _Pool:
+    """Worker processes, each with its own task queue and result pipe.
+
+    Not `concurrent.futures.ProcessPoolExecutor`: when one of its workers dies while its task queue is full,
+    the parent can wait forever (Python 3.11); here a dead worker closes its pipe, and `receive` says so.
+    """
+
+    def __init__(self, workers: int, tokenizer: Tokenizer, dtype: np.dtype) -> None:
+        # spawn, not fork: a forked child of a process whose tokenizers already ran threads (the BPE trainer)
+        # may deadlock, and a fresh interpreter that imports only numpy and tokenizers is small.
+        context = multiprocessing.get_context("spawn")
+        self.procs: list[Any] = []
+        self.tasks: list[Any] = []
+        self.results: list[Any] = []
+        args = (tokenizer.hf.to_str(), dtype.str, os.getpid())
+        try:
+            for _ in range(workers):
+                tasks = context.Queue()  # put() does not block: a feeder thread writes to the pipe
+                reader, writer = context.Pipe(duplex=False)
+                proc = context.Process(
+                    target=_work, args=(tasks, writer, *args), name="looped-encode", daemon=True
+                )
+                proc.start()
+                writer.close()  # the worker holds the only writing end, so its exit reads as end of file
+                self.procs.append(proc)
+                self.tasks.append(tasks)
+                self.results.append(reader)
+        except BaseException:
+            self.close(abort=True)
+            raise
+
+    def send(self, index: int, texts: list[str]) -> None:
+        self.tasks[index % len(self.procs)].put(texts)
+
+    def receive(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        k = index % len(self.procs)
+        try:
+            error, result = self.results[k].recv()
+        except EOFError:
+            self.procs[k].join(1)
+            raise DataError(
+                f"an encoding worker stopped (exit code {self.procs[k].exitcode}; its error, if any, is above)"
+            ) from None
+        if error is not None:
+            raise DataError(f"an encoding worker failed: {error}")
+        return result
+
+    def close(self, abort: bool) -> None:
+        for proc, tasks in zip(self.procs, self.tasks, strict=True):
+            if abort:
+                proc.terminate()
+                tasks.cancel_join_thread()  # do not wait to deliver batches nobody will read
+            else:
+                tasks.put(None)
+            tasks.close()
+        for proc in self.procs:
+            proc.join()
+        for reader in self.results:
+            reader.close()
 
 
-def _start_worker(tokenizer_json: str, dtype: str, parent: int) -> None:
-    global _worker
-    # Ctrl-C reaches the whole process group; the parent alone handles it (and shuts the pool down).
+def _work(tasks: Any, results: Any, tokenizer_json: str, dtype: str, parent: int) -> None:
+    """A worker's life: encode each batch from `tasks` and send (error, result) back, until None."""
+    # Ctrl-C reaches the whole process group; the parent alone handles it (and stops the workers).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One thread per worker: the workers are the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker = (Tokenizer(HFTokenizer.from_str(tokenizer_json)), np.dtype(dtype))
     # A worker holds both ends of its task queue, so it would wait forever for a parent that was killed.
     # (The parent's pid comes from the parent: it may have died before this runs.)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    tokenizer = Tokenizer(HFTokenizer.from_str(tokenizer_json))
+    while (texts := tasks.get()) is not None:
+        try:
+            results.send((None, encode_texts(tokenizer, np.dtype(dtype), texts)))
+        except Exception as e:
+            results.send((f"{type(e).__name__}: {e}", None))
 
 
 def _exit_with_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(PARENT_CHECK_SECONDS)
     os._exit(1)
-
-
-def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    assert _worker is not None, "the pool's initializer did not run"
-    return encode_texts(*_worker, texts)
