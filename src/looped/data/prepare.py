@@ -72,7 +72,8 @@ def prepare(
         invalid_utf8: "replace", "skip" or "error" for text that is not valid UTF-8 (see `iter_documents`).
         seed: Decides, with each document's name, which documents are held out.
         workers: Processes that encode BPE (default: every core this process may use). The output does not
-            depend on it.
+            depend on it. They are started with "spawn", which imports the caller's main module again: a
+            script that calls `prepare` needs the `if __name__ == "__main__":` guard.
         bpe_sample: The most characters of train text the BPE is fitted on (the first train documents).
         progress: Show progress bars.
         warn: Receives one-line warnings (invalid UTF-8).
