@@ -170,12 +170,14 @@ def _tokenizer(
     if str(kind) != "bpe":
         return Tokenizer.load(kind), None
     seen = {"documents": 0, "characters": 0, "limit": sample}
+    # This read of the source is left as soon as the sample is full: memory stays bounded by the trainer's
+    # word counts, and the train/val decision is the one the writing read makes. It starts here, before any
+    # progress bar, so that a missing or empty source is a one-line error.
+    docs = split_stream(read(), val_fraction, seed)
 
     def texts() -> Iterator[str]:
-        # The source is read from its start again and left as soon as the sample is full: memory stays bounded
-        # by the trainer's word counts, and the train/val decision is the one the writing read makes.
         with tqdm(total=sample, desc="BPE input", unit="char", unit_scale=True, disable=not progress) as bar:
-            for doc, split in split_stream(read(), val_fraction, seed):
+            for doc, split in docs:
                 if split != "train":
                     continue
                 text = doc.text[: sample - seen["characters"]]
