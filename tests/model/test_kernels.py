@@ -160,14 +160,28 @@ def test_no_grad_rms_norm_within_rounding_of_f_rms_norm(rows, weighted):
         torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), want, rtol=1e-6, atol=1e-6)
 
 
-def test_no_grad_rms_norm_in_bfloat16():
-    x = 3 * _rand(300, 256, dtype=torch.bfloat16)
-    w = (1 + 0.1 * _rand(256, seed=1)).to(torch.bfloat16)
+@pytest.mark.parametrize("rows", [1, 8, 300])  # 1 and 8 rows of 256: layer_norm of [x, −x]; 300: one output
+@pytest.mark.parametrize("weighted", [True, False])
+def test_no_grad_rms_norm_in_bfloat16(rows, weighted):
+    x = 3 * _rand(rows, 256, dtype=torch.bfloat16)
+    w = (1 + 0.1 * _rand(256, seed=1)).to(torch.bfloat16) if weighted else None
     with torch.no_grad():
         got = kernels.rms_norm(x, w, 1e-5)
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
     # One bfloat16 step at most: the only difference is the order of float32 sums inside 1/rms.
     torch.testing.assert_close(got, F.rms_norm(x, (256,), w, 1e-5), rtol=8e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("offset", [0.0, 100.0])  # a common offset: the pair [x, −x] still has mean zero
+def test_symmetric_layer_norm_form_within_rounding(dtype, offset):
+    """RMSNorm as layer_norm of [x, −x], checked directly in float32/float64 (the no-grad path takes it
+    for small unweighted float32 and small bfloat16 inputs)."""
+    x = (_rand(2, 3, 4, 32) + offset).to(dtype)
+    w = (1 + 0.1 * _rand(32, seed=1)).to(dtype)
+    for weight in (None, w):
+        got = kernels._rms_norm_symmetric(x, weight, 1e-5)
+        torch.testing.assert_close(got, F.rms_norm(x, (32,), weight, 1e-5), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"block_norm": "sandwich"}, {"block_norm": "sandwich-residual"}])

@@ -21,6 +21,15 @@ import torch.nn.functional as F
 # Below this many elements the no-grad norm is F.rms_norm (fewer dispatches); from here on the one-output
 # form is faster (equal at 64 rows of 512 in float32 on 2 cores).
 _ONE_OUTPUT_MIN = 64 * 1024
+# Up to how many elements (a few decode rows) a no-grad norm of (dtype, unweighted) runs as one native
+# layer_norm kernel (`_rms_norm_symmetric`): where that measured faster than F.rms_norm on 2 cores.
+_SYMMETRIC_MAX = {
+    (torch.bfloat16, True): 4096,
+    (torch.bfloat16, False): 4096,
+    (torch.float16, True): 4096,
+    (torch.float16, False): 4096,
+    (torch.float32, True): 1024,
+}
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -85,11 +94,29 @@ class _RMSNorm(torch.autograd.Function):
         return dx.to(x.dtype), dw, None
 
 
-def _rms_norm_no_grad(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None) -> torch.Tensor:
-    """RMSNorm without autograd: F.rms_norm at decode sizes, else Σx² as a dot product per row and the
-    scale applied in place into the one output tensor."""
+def _rms_norm_symmetric(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None) -> torch.Tensor:
+    """RMSNorm as LayerNorm of the pair [x, −x]: its mean is 0 and its variance mean(x²), so layer_norm's
+    one native CPU kernel computes x·(mean(x²) + eps)^(-1/2)·w. F.rms_norm's composite dispatches seven ops,
+    which at decode sizes cost more than the data: (1, 1, 4, 128) QK-norm 9.6 → 7.7 µs in float32,
+    11.4 → 7.4 µs in bfloat16; (1, 1, 512) with weight 12.8 → 9.9 µs in bfloat16. The result is the
+    composite's within rounding (the pair's mean is zero up to rounding of the sum). Rows come back as a
+    strided view of the pair."""
     d = x.shape[-1]
-    if x.numel() < _ONE_OUTPUT_MIN:
+    eps = _default_eps(eps, _acc_dtype(x))
+    pair = torch.stack([x, x.neg()], -2)  # (..., 2, D)
+    return F.layer_norm(pair, (2, d), None if weight is None else weight.expand(2, d), None, eps).select(
+        -2, 0
+    )
+
+
+def _rms_norm_no_grad(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None) -> torch.Tensor:
+    """RMSNorm without autograd: at decode sizes layer_norm of [x, −x] where that is measured faster, else
+    F.rms_norm; at prefill sizes Σx² as a dot product per row and the scale applied in place into the one
+    output tensor."""
+    d, n = x.shape[-1], x.numel()
+    if n <= _SYMMETRIC_MAX.get((x.dtype, weight is None), 0) and (weight is None or weight.dtype == x.dtype):
+        return _rms_norm_symmetric(x, weight, eps)
+    if n < _ONE_OUTPUT_MIN:
         return torch.rms_norm(x, (d,), weight, eps)  # F.rms_norm's op without its Python wrapper
     acc = _acc_dtype(x)
     xf = x.to(acc)
