@@ -17,7 +17,7 @@ MB/s is corpus bytes over wall seconds. Peak RSS is the sum over the process and
 sampled from /proc every 50 ms; "largest" is the high-water mark of the largest single process (wait4).
 The token counts of the second prepare and of the reference are checked against each other.
 
-    .venv/bin/python bench/data_prepare.py             # 1 GB, about 20 minutes on 2 idle cores, 2.5 GB of disk
+    .venv/bin/python bench/data_prepare.py             # 1 GB, about 17 minutes on 2 idle cores, 2.5 GB of disk
     .venv/bin/python bench/data_prepare.py --quick     # 30 MB, a smoke run (about a minute)
 """
 
