@@ -247,6 +247,11 @@ VALIDATE_CASES = {
     "init_std negative": ({"init_std": -0.02}, r"model\.init_std must be > 0"),
     "init_decay zero": ({"init_decay": 0.0}, r"model\.init_decay must lie in \(0, 1\)"),
     "init_decay one": ({"init_decay": 1.0}, r"model\.init_decay must lie in \(0, 1\)"),
+    "injection_gain zero": ({"injection_gain": 0.0}, r"model\.injection_gain must be > 0"),
+    "residual readout bounded": (
+        {"readout_init": "residual", "spectral_norm": ["readout"]},
+        r"'readout' bounds C, but readout_init = 'residual'",
+    ),
     "spectral_bound zero": ({"spectral_bound": 0.0}, r"model\.spectral_bound must be > 0"),
     "value_gate_channels > width": (
         {"value_gate_channels": 129},

@@ -56,6 +56,37 @@ def test_readout_init():
     torch.testing.assert_close(LoopedLM(tiny(readout_init="identity")).readout.weight, torch.eye(32))
 
 
+def test_residual_readout_starts_as_the_identity_and_learns_a_difference():
+    """readout_init = "residual" reads out h + ΔC·h with ΔC = 0 at init: the same model as the identity
+    readout at init (same seed, same logits), but weight decay on ΔC pulls C towards I instead of 0."""
+    torch.manual_seed(0)
+    identity = LoopedLM(tiny(readout_init="identity")).eval()
+    torch.manual_seed(0)
+    residual = LoopedLM(tiny(readout_init="residual")).eval()
+    assert not residual.readout.weight.any()
+    x = ids(2, 8)
+    torch.testing.assert_close(residual(x, loops=3).logits, identity(x, loops=3).logits)
+    with torch.no_grad():
+        residual.readout.weight.fill_(0.01)
+    h = torch.randn(1, 4, 32)
+    torch.testing.assert_close(
+        residual.run_coda(h, residual.rotary(4), {}), _coda(residual, h + 0.01 * h.sum(-1, keepdim=True))
+    )
+
+
+def _coda(model, x):
+    for block in model.coda:
+        x = block(x, model.rotary(x.shape[1]), None, None)
+    return x
+
+
+def test_injection_gain_scales_b():
+    inj = DiagonalInjection(tiny(injection_gain=0.5))
+    inj.reset_parameters()
+    torch.testing.assert_close(inj.B.weight, 0.5 * torch.eye(32))
+    torch.testing.assert_close(inj.input_matrix(), 0.5 * inj.rates()[1][:, None] * torch.eye(32))
+
+
 @pytest.mark.parametrize("injection", ["diagonal", "linear"])
 def test_spectral_bound_holds_after_optimizer_steps(injection):
     bound = 0.8

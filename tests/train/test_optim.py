@@ -52,6 +52,41 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
     assert g.min() < 0.2 * g.max()
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize(("rule", "k", "factor"), [("1/k", 4, 0.25), ("1/sqrt(k)", 4, 0.5), ("1", 4, 1.0)])
+def test_core_and_injection_learning_rates(optimizer, rule, k, factor):
+    """The core's parameters at lr·(1/k or 1/√k), the injection's, prelude norm's and readout's at
+    lr·injection_lr_scale, the rest at lr; schedules scale every group alike, and `lr` reports the base."""
+    model = LoopedLM(tiny(spectral_norm=[]))
+    cfg = OptimConfig(optimizer=optimizer, lr=1e-3, muon_lr=0.02, core_lr_scale=rule, injection_lr_scale=3.0)
+    opts = build_optimizers(model, cfg, backprop_loops=k)
+    rate = {}
+    for opt in opts.optimizers:
+        base = 0.02 if isinstance(opt, torch.optim.Muon) else 1e-3
+        for g in opt.param_groups:
+            for n in names(model, g["params"]):
+                rate[n] = g["lr"] / base
+    assert rate["core.0.attn.wq.weight"] == pytest.approx(factor)
+    assert rate["core.1.mlp.w_out.weight"] == pytest.approx(factor) and rate[
+        "core.0.attn_norm.weight"
+    ] == pytest.approx(factor)
+    assert (
+        rate["injection.B.weight"]
+        == rate["injection.dt_bias"]
+        == rate["readout.weight"]
+        == pytest.approx(3.0)
+    )
+    assert rate["prelude_norm.weight"] == pytest.approx(3.0)
+    assert rate["prelude.0.attn.wq.weight"] == rate["embed.weight"] == rate["coda.0.mlp.w_in.weight"] == 1.0
+    assert len(rate) == len(list(model.parameters()))
+    assert opts.lr == pytest.approx(0.02 if optimizer == "muon" else 1e-3)
+    opts.set_lr(0.5)
+    assert opts.lr == pytest.approx(0.01 if optimizer == "muon" else 5e-4)
+    for opt in opts.optimizers:
+        for g in opt.param_groups:
+            assert g["lr"] == pytest.approx(0.5 * g["base_lr"])
+
+
 def test_wsd_schedule():
     cfg = OptimConfig(schedule="wsd", warmup_steps=10, cooldown_fraction=0.5, min_lr_ratio=0.1)
     f = [lr_factor(cfg, s, 100) for s in range(100)]
@@ -67,3 +102,10 @@ def test_cosine_and_constant():
     assert lr_factor(cos, 50, 100) == pytest.approx(0.5)
     assert lr_factor(cos, 100, 100) == pytest.approx(0.0)
     assert lr_factor(OptimConfig(schedule="constant"), 99, 100) == 1.0
+
+
+def test_part_learning_rate_settings_are_checked():
+    from looped.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optim\.injection_lr_scale must be > 0"):
+        OptimConfig(injection_lr_scale=0.0).validate()

@@ -106,10 +106,11 @@ class ModelConfig(Section):
         "A learned exit gate Linear(width, 1) on the state after each loop: loop i exits with probability "
         "σ(g_i)·∏_{j<i}(1 − σ(g_j)) (Ouro); `--exit gate:P` stops a token once that reaches P cumulatively.",
     )
-    readout_init: Literal["orthogonal", "identity"] = doc(
+    readout_init: Literal["orthogonal", "identity", "residual"] = doc(
         "orthogonal",
-        "Init of C: orthogonal with singular values √(2/5) (Parcae), or the identity, which keeps the state in "
-        "the embedding's basis (with tied embeddings, much faster to train at small budgets; docs/results.md).",
+        "Init of C: orthogonal with singular values √(2/5) (Parcae), the identity, which keeps the state in "
+        "the embedding's basis (with tied embeddings, much faster to train at small budgets; docs/results.md), "
+        "or residual: the readout is h + ΔC·h with ΔC starting at zero (weight decay pulls it to I, not 0).",
     )
     state_init: StateInit = doc(
         "zero",
@@ -120,6 +121,9 @@ class ModelConfig(Section):
     init_std: float | None = doc(None, "Std of hidden matrices at init; None means sqrt(2 / (5·width)).")
     init_decay: float = doc(
         0.447, "Initial per-channel decay of the diagonal injection (Parcae: ≈ sqrt(1/5))."
+    )
+    injection_gain: float = doc(
+        1.0, "Initial B of the diagonal injection, as a multiple of the identity (B̄ = softplus(dt)·B)."
     )
     spectral_norm: list[SpectralGroup] = doc(
         [], "Weight groups held at σ_max ≤ spectral_bound: injection, readout, core-out, core."
@@ -175,6 +179,8 @@ class ModelConfig(Section):
             raise ConfigError(f"model.init_std must be > 0, got {self.init_std}")
         if not 0 < self.init_decay < 1:
             raise ConfigError(f"model.init_decay must lie in (0, 1), got {self.init_decay}")
+        if not self.injection_gain > 0:
+            raise ConfigError(f"model.injection_gain must be > 0, got {self.injection_gain}")
         if self.spectral_bound <= 0:
             raise ConfigError(f"model.spectral_bound must be > 0, got {self.spectral_bound}")
         if self.value_gate_channels > self.width:
@@ -199,6 +205,10 @@ class ModelConfig(Section):
         self._validate_families()
         if "readout" in self.spectral_norm and not self.readout:
             raise ConfigError("model.spectral_norm: 'readout' needs model.readout = true")
+        if "readout" in self.spectral_norm and self.readout_init == "residual":
+            raise ConfigError(
+                "model.spectral_norm: 'readout' bounds C, but readout_init = 'residual' learns ΔC of I + ΔC"
+            )
 
     def _validate_families(self) -> None:
         """The options imported families need, checked against each other."""
@@ -353,6 +363,14 @@ class OptimConfig(Section):
     lr: float = doc(3e-3, "Peak AdamW learning rate.")
     muon_lr: float = doc(0.02, "Peak Muon learning rate (hidden matrices, when optimizer = muon).")
     muon_momentum: float = doc(0.95, "Muon momentum (Nesterov).")
+    core_lr_scale: Literal["1", "1/k", "1/sqrt(k)"] = doc(
+        "1",
+        "Learning rate of the core's parameters against the rest, with k = loops.backprop_loops: the core's "
+        "gradient is a sum over k loops, so its effective step grows with k.",
+    )
+    injection_lr_scale: float = doc(
+        1.0, "Learning rate of the injection, the prelude norm and the readout, as a multiple of the rest."
+    )
     betas: list[float] = doc([0.9, 0.95], "AdamW (β1, β2).")
     eps: float = doc(1e-8, "AdamW epsilon.")
     weight_decay: float = doc(
@@ -369,7 +387,7 @@ class OptimConfig(Section):
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables.")
 
     def validate(self) -> None:
-        for name in ("lr", "muon_lr"):
+        for name in ("lr", "muon_lr", "injection_lr_scale"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"optim.{name} must be > 0, got {getattr(self, name)}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

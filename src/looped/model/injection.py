@@ -33,14 +33,15 @@ class DiagonalInjection(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(d))
         self.B = nn.Linear(d, d, bias=False)
         self.init_decay = cfg.init_decay
+        self.init_gain = cfg.injection_gain
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        # A = −1 and dt = softplus⁻¹(−log decay): Ā starts at init_decay in every channel, B at identity.
+        # A = −1 and dt = softplus⁻¹(−log decay): Ā starts at init_decay in every channel, B at gain · I.
         self.A_log.zero_()
         rate = -math.log(self.init_decay)
         self.dt_bias.fill_(rate + math.log(-math.expm1(-rate)))
-        self.B.weight.copy_(torch.eye(self.B.weight.shape[0]))
+        self.B.weight.copy_(self.init_gain * torch.eye(self.B.weight.shape[0]))
 
     def rates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Ā, softplus(dt)), each (D,). The rate is formed in log space so that no finite parameter gives NaN."""

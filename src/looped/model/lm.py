@@ -104,8 +104,8 @@ class LoopedLM(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Parcae's "scaled-zero" init: truncated-normal hidden matrices (std √(2/(5d))), zero output projections,
-        identity B with decay ≈ init_decay, orthogonal readout with singular values √(2/5) (or the identity,
-        model.readout_init)."""
+        B = injection_gain · I with decay ≈ init_decay, orthogonal readout with singular values √(2/5) (or the
+        identity, or a zero ΔC of the residual readout h + ΔC·h: model.readout_init)."""
         std = self.cfg.resolved_init_std
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -125,6 +125,8 @@ class LoopedLM(nn.Module):
             self.injection.reset_parameters()
         if self.readout is not None and self.cfg.readout_init == "identity":
             self.readout.weight.copy_(torch.eye(self.cfg.width))
+        elif self.readout is not None and self.cfg.readout_init == "residual":
+            self.readout.weight.zero_()
         elif self.readout is not None:
             nn.init.orthogonal_(self.readout.weight)
             self.readout.weight.mul_(math.sqrt(2 / 5))
@@ -248,7 +250,9 @@ class LoopedLM(nn.Module):
         models with `model.readout`) and the coda blocks: (B, S, D) → (B, S, D)."""
         if self.cfg.final_norm == "state-and-head":
             h = self.final_norm(h)
-        x = self.readout(h) if self.readout is not None else h
+        x = h
+        if self.readout is not None:
+            x = h + self.readout(h) if self.cfg.readout_init == "residual" else self.readout(h)
         offset = self.cfg.prelude_layers + self.cfg.core_layers
         for i, block in enumerate(self.coda):
             x = block(x, rope, ves.get(offset + i), None if kv is None else kv.layer("coda", i))

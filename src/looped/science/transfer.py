@@ -83,8 +83,9 @@ def retrofit_model(standard: LoopedLM, prelude: int, core: int, coda: int, loops
             block.load_state_dict(mine)
             if str(j) in model.value_embeds and str(i) in standard.value_embeds:
                 model.value_embeds[str(j)].weight.copy_(standard.value_embeds[str(i)].weight)
-        if model.readout is not None:
-            model.readout.weight.copy_(torch.eye(cfg.width))
+        if model.readout is not None:  # the identity: a readout that passes the state on unchanged
+            eye = torch.eye(cfg.width)
+            model.readout.weight.copy_(eye if cfg.readout_init != "residual" else torch.zeros_like(eye))
     return model
 
 

@@ -244,7 +244,7 @@ def train_steps(
     tc = cfg.train
     d = Dist(device=train_device(tc))
     model.to(d.device).train()
-    opts = build_optimizers(model, cfg.optim)
+    opts = build_optimizers(model, cfg.optim, backprop_loops=cfg.loops.resolved_backprop_loops)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
     stepper = Stepper(model, model, opts, d, seed=tc.seed, clip=clip, bf16=uses_bf16(tc, d.device))
     samplers = [LoopSampler(cfg.loops, tc.seed + i, tc.steps) for i in range(getattr(model, "streams", 1))]

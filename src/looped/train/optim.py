@@ -53,26 +53,34 @@ class Optimizers:
 
     @property
     def lr(self) -> float:
-        """The current rate of the first group (AdamW's, or Muon's when Muon is used)."""
-        return self.optimizers[0].param_groups[0]["lr"]
+        """The current rate of the first optimizer (Muon's when Muon is used, else AdamW's), before any
+        per-part multiplier."""
+        group = self.optimizers[0].param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
 
 
-def build_optimizers(model: nn.Module, cfg: OptimConfig, sharded: bool = False) -> Optimizers:
-    """AdamW over all parameters, or Muon over hidden matrices plus AdamW over the rest.
+def build_optimizers(
+    model: nn.Module, cfg: OptimConfig, sharded: bool = False, backprop_loops: int = 1
+) -> Optimizers:
+    """AdamW over all parameters, or Muon over hidden matrices plus AdamW over the rest; the core's and the
+    injection's parameters at their own rates (optim.core_lr_scale with k = `backprop_loops`,
+    optim.injection_lr_scale).
 
     Args:
         model: the (possibly DDP-wrapped) model.
         cfg: the [optim] section.
         sharded: parameters are FSDP2 shards (Muon needs whole matrices, so it is refused there).
+        backprop_loops: k, the loops the core's gradient sums over.
     """
     hidden, rest = split_params(model)
+    scale = part_lr_scales(model, cfg, backprop_loops)
     betas = (cfg.betas[0], cfg.betas[1])
     # The fused CPU kernel steps all tensors in one pass (about 5× faster than foreach here); DTensor shards
     # take the foreach path.
     fused = {"foreach": True} if sharded else {"fused": True}
     if cfg.optimizer == "adamw":
-        groups = [{"params": hidden, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
+        groups = _scaled_groups(hidden, scale, cfg.lr, cfg.weight_decay)
+        groups += _scaled_groups(rest, scale, cfg.lr, 0.0)
         return Optimizers([torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, **fused)])
     if sharded:
         raise ConfigError(
@@ -84,7 +92,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, sharded: bool = False) 
     if hidden:
         opts.append(
             torch.optim.Muon(
-                hidden,
+                _scaled_groups(hidden, scale, cfg.muon_lr, cfg.weight_decay),
                 lr=cfg.muon_lr,
                 weight_decay=cfg.weight_decay,
                 momentum=cfg.muon_momentum,
@@ -92,8 +100,41 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, sharded: bool = False) 
             )
         )
     if rest:
-        opts.append(torch.optim.AdamW(rest, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=0.0, **fused))
+        groups = _scaled_groups(rest, scale, cfg.lr, 0.0)
+        opts.append(torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, **fused))
     return Optimizers(opts)
+
+
+# Parameters of the injection's part: what carries e into the state and the state out to the coda.
+_INJECTION_PREFIXES = ("injection.", "prelude_norm.", "readout.")
+
+
+def part_lr_scales(model: nn.Module, cfg: OptimConfig, backprop_loops: int) -> dict[int, float]:
+    """{id(parameter): its learning-rate multiplier} for the parameters not at 1: the core's (1/k or 1/√k
+    with optim.core_lr_scale) and the injection's, prelude norm's and readout's (optim.injection_lr_scale)."""
+    k = max(1, backprop_loops)
+    core = {"1": 1.0, "1/k": 1.0 / k, "1/sqrt(k)": 1.0 / math.sqrt(k)}[cfg.core_lr_scale]
+    scales = {}
+    for name, p in model.named_parameters():
+        dotted = "." + name.removeprefix("module.")
+        if ".core." in dotted and core != 1.0:
+            scales[id(p)] = core
+        elif any(f".{prefix}" in dotted for prefix in _INJECTION_PREFIXES) and cfg.injection_lr_scale != 1.0:
+            scales[id(p)] = cfg.injection_lr_scale
+    return scales
+
+
+def _scaled_groups(
+    params: list[nn.Parameter], scale: dict[int, float], lr: float, weight_decay: float
+) -> list[dict[str, Any]]:
+    """Parameter groups of `params` by learning-rate multiplier (one group when every multiplier is 1)."""
+    by_scale: dict[float, list[nn.Parameter]] = {}
+    for p in params:
+        by_scale.setdefault(scale.get(id(p), 1.0), []).append(p)
+    return [
+        {"params": ps, "lr": lr * s, "lr_scale": s, "weight_decay": weight_decay}
+        for s, ps in sorted(by_scale.items(), reverse=True)
+    ]
 
 
 def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:

@@ -221,7 +221,7 @@ def _build(cfg: Config, d: Dist, resume: bool) -> _Run:
     model.to(d.device)
     net = distributed.wrap(model, tc, d)
     fsdp = d.enabled and tc.parallel == "fsdp"
-    opts = build_optimizers(net, cfg.optim, sharded=fsdp)
+    opts = build_optimizers(net, cfg.optim, sharded=fsdp, backprop_loops=cfg.loops.resolved_backprop_loops)
     stepper = Stepper(
         net,
         model,
