@@ -72,6 +72,38 @@ def test_sweep_writes_commands_for_torchrun_and_slurm(data, tmp_path):
     assert not (tmp_path / "sweep" / "results.jsonl").exists()  # nothing ran
 
 
+def test_variants_are_named_bundles_times_the_grid(data, tmp_path):
+    """[variants]: each bundle of overrides times the grid and the seeds; the run names and records carry
+    the variant, and a variant's key is overridden by the grid's."""
+    text = GRID.replace('"loops.mean_loops" = [1.0, 2.0]\n', "") + (
+        "\n[variants]\nplain = []\n"
+        'additive = ["model.injection=\\"additive\\"", "model.readout=false", "train.steps=99"]\n'
+    )
+    grid = load_grid(write_grid(tmp_path, data, text))
+    names = [n for n, _ in grid.runs()]
+    assert names == [
+        "plain_steps3_seed0",
+        "plain_steps6_seed0",
+        "additive_steps3_seed0",
+        "additive_steps6_seed0",
+    ]
+    cfg = grid.config(*grid.runs()[2])
+    assert cfg.model.injection == "additive" and not cfg.model.readout and cfg.train.steps == 3
+    assert grid.config(*grid.runs()[0]).model.injection == "diagonal"
+    assert [grid.variant_of(n) for n in names] == ["plain", "plain", "additive", "additive"]
+    records = [json.loads(line) for line in run_sweep(grid.path, say=lambda m: None).read_text().splitlines()]
+    assert {(r["variant"], r["grid"]["train.steps"]) for r in records} == {
+        ("plain", 3),
+        ("plain", 6),
+        ("additive", 3),
+        ("additive", 6),
+    }
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[variants]\nx = ["model.width"]\n')
+    with pytest.raises(ConfigError, match="variants.x must be a list"):
+        load_grid(bad)
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [

@@ -15,6 +15,10 @@ results.jsonl — one record per run and evaluated loop count, the input of `loo
     "loops.mean_loops" = [2, 4]
     "model.width" = [64, 128]
     "train.steps" = [100, 200]
+
+    [variants]                                # optional: named bundles of overrides, each times the grid
+    parcae = []
+    additive = ["model.injection=\"additive\"", "model.readout=false", "model.prelude_norm=false"]
 """
 
 from __future__ import annotations
@@ -48,20 +52,30 @@ class Grid:
     out: Path
     axes: dict[str, list[Any]]
     seeds: list[int] = field(default_factory=lambda: [0])
+    variants: dict[str, list[str]] = field(default_factory=dict)  # name → overrides; {} is one plain variant
     eval_loops: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     eval_windows: int = 32
     parallel: int = 1
 
     def runs(self) -> list[tuple[str, list[str]]]:
-        """(name, overrides) of every run: the grid's product times the seeds, in a fixed order."""
+        """(name, overrides) of every run: each variant times the grid's product times the seeds, in a fixed
+        order; a variant's overrides come before the grid's."""
         keys = list(self.axes)
         out = []
-        for values in itertools.product(*(self.axes[k] for k in keys)):
-            for seed in self.seeds:
-                sets = [f"{k}={_toml(v)}" for k, v in zip(keys, values, strict=True)] + [f"train.seed={seed}"]
-                parts = [f"{k.split('.')[-1]}{_slug(v)}" for k, v in zip(keys, values, strict=True)]
-                out.append(("_".join([*parts, f"seed{seed}"]), sets))
+        for variant, bundle in self.variants.items() or [(None, [])]:
+            for values in itertools.product(*(self.axes[k] for k in keys)):
+                for seed in self.seeds:
+                    sets = [f"{k}={_toml(v)}" for k, v in zip(keys, values, strict=True)]
+                    parts = [f"{k.split('.')[-1]}{_slug(v)}" for k, v in zip(keys, values, strict=True)]
+                    head = [_slug(variant)] if variant is not None else []
+                    name = "_".join([*head, *parts, f"seed{seed}"])
+                    out.append((name, [*bundle, *sets, f"train.seed={seed}"]))
         return out
+
+    def variant_of(self, name: str) -> str | None:
+        """The variant a run name belongs to (None without variants)."""
+        matches = [v for v in self.variants if name.startswith(_slug(v) + "_")]
+        return max(matches, key=lambda v: len(_slug(v)), default=None)
 
     def config(self, name: str, sets: list[str]) -> Config:
         """The resolved config of one run, its output inside the sweep directory."""
@@ -91,17 +105,26 @@ def load_grid(path: str | Path) -> Grid:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    unknown = set(data) - {"sweep", "grid"}
+    unknown = set(data) - {"sweep", "grid", "variants"}
     if unknown:
-        raise ConfigError(f"{path}: unknown table [{sorted(unknown)[0]}]; a grid has [sweep] and [grid]")
-    sweep, axes = data.get("sweep", {}), data.get("grid", {})
+        raise ConfigError(
+            f"{path}: unknown table [{sorted(unknown)[0]}]; a grid has [sweep], [grid] and optionally [variants]"
+        )
+    sweep, axes, variants = data.get("sweep", {}), data.get("grid", {}), data.get("variants", {})
+    for name, bundle in variants.items():
+        if not isinstance(bundle, list) or not all(isinstance(s, str) and "=" in s for s in bundle):
+            raise ConfigError(f"{path}: variants.{name} must be a list of 'section.key=value' strings")
+    if len({_slug(v) for v in variants}) < len(variants):
+        raise ConfigError(f"{path}: two variants have the same name once made a folder name")
     bad = set(sweep) - SWEEP_KEYS
     if bad:
         raise ConfigError(
             f"{path}: unknown key sweep.{sorted(bad)[0]}; known: {', '.join(sorted(SWEEP_KEYS))}"
         )
-    if not axes:
-        raise ConfigError(f"{path}: [grid] is empty; give at least one 'section.key' = [values]")
+    if not axes and not variants:
+        raise ConfigError(
+            f"{path}: [grid] is empty; give at least one 'section.key' = [values] or [variants]"
+        )
     for key, values in axes.items():
         if "." not in key:
             raise ConfigError(f'{path}: grid key {key!r} must be section.key, e.g. "loops.mean_loops"')
@@ -124,6 +147,7 @@ def load_grid(path: str | Path) -> Grid:
         eval_loops=list(sweep.get("eval_loops", [1, 2, 4, 8])),
         eval_windows=int(sweep.get("eval_windows", 32)),
         parallel=int(sweep.get("parallel", 1)),
+        variants=variants,
     )
     if grid.parallel < 1 or grid.eval_windows < 1 or not grid.eval_loops or min(grid.eval_loops) < 1:
         raise ConfigError(f"{path}: sweep.parallel and sweep.eval_windows must be ≥ 1, eval_loops ≥ 1")
@@ -225,7 +249,11 @@ def run_sweep(grid_path: str | Path, commands: str | None = None, say: Callable[
     )
     axes = list(grid.axes)
     jobs = [
-        (name, grid.config(name, sets), {"grid": dict(zip(axes, _values(sets, axes), strict=True))})
+        (
+            name,
+            grid.config(name, sets),
+            {"grid": dict(zip(axes, _values(sets, axes), strict=True)), "variant": grid.variant_of(name)},
+        )
         for name, sets in todo
     ]
     execute(jobs, results, grid.parallel, grid.eval_loops, grid.eval_windows, say)
@@ -276,7 +304,7 @@ def execute(
 def _values(sets: list[str], axes: list[str]) -> list[Any]:
     out = []
     for key in axes:
-        text = next(s for s in sets if s.startswith(key + "="))
+        text = [s for s in sets if s.startswith(key + "=")][-1]  # the grid's, after a variant's
         out.append(tomllib.loads(f"v = {text.split('=', 1)[1]}")["v"])
     return out
 
