@@ -388,8 +388,11 @@ def _study_transfer(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from looped.science.sweep import run_sweep
+    from looped.science.sweep import format_table, load_grid, read_results, run_sweep
 
+    if args.table:
+        print(format_table(read_results(load_grid(args.grid).out / "results.jsonl")))
+        return
     print(f"wrote {run_sweep(args.grid, commands=args.commands)}")
 
 
@@ -778,6 +781,11 @@ def _add_sweep_serve_export(sub: argparse._SubParsersAction) -> None:
         choices=["torchrun", "slurm"],
         default=None,
         help="write the commands for torchrun or a Slurm array instead of running here",
+    )
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="print validation loss against loops for the runs finished so far (seeds averaged), run nothing",
     )
     p.set_defaults(run=_sweep)
 

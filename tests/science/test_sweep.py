@@ -8,7 +8,7 @@ import pytest
 
 from looped.cli import main
 from looped.config import ConfigError
-from looped.science.sweep import load_grid, run_sweep
+from looped.science.sweep import format_table, load_grid, run_sweep
 
 GRID = """
 [sweep]
@@ -98,6 +98,20 @@ def test_variants_are_named_bundles_times_the_grid(data, tmp_path):
         ("additive", 3),
         ("additive", 6),
     }
+    table = format_table(records).splitlines()
+    assert table[0].split() == ["run", "seeds", "T=1", "T=2", "T=4"]
+    assert [line.split()[0] for line in table[1:]] == [
+        "plain_steps3",
+        "plain_steps6",
+        "additive_steps3",
+        "additive_steps6",
+    ]
+    row = table[1].split()
+    losses = [r["loss"] for r in records if r["run"] == "plain_steps3_seed0"]
+    assert row[1] == "1" and sum(c.startswith("[") for c in row[2:]) == 1
+    assert f"[{min(losses):.3f}]" in row
+    two = [dict(r, seed=1, loss=r["loss"] + 0.1) for r in records] + records
+    assert "±0.071" in format_table(two)  # the standard deviation of two seeds 0.1 apart
     bad = tmp_path / "bad.toml"
     bad.write_text('[variants]\nx = ["model.width"]\n')
     with pytest.raises(ConfigError, match="variants.x must be a list"):

@@ -166,6 +166,36 @@ def read_results(results: Path) -> list[dict]:
     return [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
 
 
+def format_table(records: list[dict]) -> str:
+    """Validation loss against evaluated loops, one row per run with its seeds averaged (mean ± standard
+    deviation where there are several), each row's best loss in brackets; rows in the grid's order."""
+    import statistics
+
+    by_run: dict[str, dict[int, dict[int, float]]] = {}  # name without seed → loops → seed → loss
+    for r in records:
+        name = re.sub(r"_?seed\d+$", "", r["run"]) or "run"
+        by_run.setdefault(name, {}).setdefault(r["loops"], {})[r["seed"]] = r["loss"]
+    if not by_run:
+        return "no finished runs yet"
+    loops = sorted({t for runs in by_run.values() for t in runs})
+    width = max(len(n) for n in by_run)
+    lines = [f"{'run':<{width}} {'seeds':>5} " + " ".join(f"{f'T={t}':>13}" for t in loops)]
+    for name, runs in by_run.items():
+        means = {t: statistics.fmean(runs[t].values()) for t in runs}
+        best = min(means, key=means.get)
+        cells = []
+        for t in loops:
+            if t not in runs:
+                cells.append(f"{'-':>13}")
+                continue
+            vals = list(runs[t].values())
+            text = f"{means[t]:.3f}" + (f"±{statistics.stdev(vals):.3f}" if len(vals) > 1 else "")
+            cells.append(f"{('[' + text + ']') if t == best else text:>13}")
+        seeds = max(len(v) for v in runs.values())
+        lines.append(f"{name:<{width}} {seeds:>5} " + " ".join(cells))
+    return "\n".join(lines)
+
+
 def finished_runs(results: Path) -> set[str]:
     """Names of runs that already have records (a resumed sweep skips them)."""
     if not results.is_file():
