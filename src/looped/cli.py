@@ -391,7 +391,8 @@ def _sweep(args: argparse.Namespace) -> None:
     from looped.science.sweep import format_table, load_grid, read_results, run_sweep
 
     if args.table:
-        print(format_table(read_results(load_grid(args.grid).out / "results.jsonl")))
+        grid = load_grid(args.grid)
+        print(format_table(read_results(grid.out / "results.jsonl"), [name for name, _ in grid.runs()]))
         return
     print(f"wrote {run_sweep(args.grid, commands=args.commands)}")
 

@@ -166,15 +166,21 @@ def read_results(results: Path) -> list[dict]:
     return [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
 
 
-def format_table(records: list[dict]) -> str:
+def format_table(records: list[dict], order: list[str] | None = None) -> str:
     """Validation loss against evaluated loops, one row per run with its seeds averaged (mean ± standard
-    deviation where there are several), each row's best loss in brackets; rows in the grid's order."""
+    deviation where there are several), each row's best loss in brackets; rows in the order of the run
+    names in `order` (a grid's), else as they finished."""
     import statistics
+
+    def unseeded(name: str) -> str:
+        return re.sub(r"_?seed\d+$", "", name) or "run"
 
     by_run: dict[str, dict[int, dict[int, float]]] = {}  # name without seed → loops → seed → loss
     for r in records:
-        name = re.sub(r"_?seed\d+$", "", r["run"]) or "run"
-        by_run.setdefault(name, {}).setdefault(r["loops"], {})[r["seed"]] = r["loss"]
+        by_run.setdefault(unseeded(r["run"]), {}).setdefault(r["loops"], {})[r["seed"]] = r["loss"]
+    if order is not None:
+        rank = {name: i for i, name in reversed(list(enumerate(unseeded(n) for n in order)))}
+        by_run = dict(sorted(by_run.items(), key=lambda kv: rank.get(kv[0], len(rank))))
     if not by_run:
         return "no finished runs yet"
     loops = sorted({t for runs in by_run.values() for t in runs})
