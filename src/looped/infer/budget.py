@@ -213,6 +213,7 @@ def calibrate_speculation(
     top = max(loops)
     ms: dict[int, float] = {}
     for n in verify_sizes:
+        chunk = torch.randint(0, model.cfg.vocab_size, (1, n), generator=gen).to(device)
         runs = []
         for _ in range(repeats):
             cache = KVCache(
@@ -220,13 +221,7 @@ def calibrate_speculation(
             )
             forward_cached(model, cache, ids[:1], loops=top)
             start = time.perf_counter()
-            forward_cached(
-                model,
-                cache,
-                ids[:1, :n] if n <= prompt_len else ids[:1].repeat(1, n)[:, :n],
-                loops=top,
-                all_logits=True,
-            )
+            forward_cached(model, cache, chunk, loops=top, all_logits=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             runs.append(time.perf_counter() - start)

@@ -510,21 +510,21 @@ class Engine:
 
     def _probs(self, req: Request, logits: torch.Tensor, drafts: list[int]) -> torch.Tensor:
         """The distribution `req` samples its next token from after `drafts` (speculation compares two)."""
-        history = None
-        if req.sampling.repetition_penalty != 1:
-            history = torch.tensor(req.prompt_ids + req.generated + drafts)
-        if self.vocab_limit is not None:
-            logits[..., self.vocab_limit :] = float("-inf")
-        return token_probs(logits, req.sampling, history)
+        return token_probs(logits, req.sampling, self._mask_and_history(req, logits, drafts))
 
     def _accept(self, req: Request, logits: torch.Tensor, loops: int, state: torch.Tensor | None) -> None:
         """Sample the next token of `req` and decide whether it is done."""
-        history = (
-            torch.tensor(req.prompt_ids + req.generated) if req.sampling.repetition_penalty != 1 else None
-        )
-        if self.vocab_limit is not None:
-            logits[..., self.vocab_limit :] = float("-inf")  # a row of this step's logits, not kept
+        history = self._mask_and_history(req, logits, [])
         self._take(req, next_token(logits, req.sampling, history, req.generator), loops, state)
+
+    def _mask_and_history(self, req: Request, logits: torch.Tensor, drafts: list[int]) -> torch.Tensor | None:
+        """The ids the repetition penalty sees (None without one); masks padded vocabulary ids in `logits`,
+        a row of this step's logits that is not kept."""
+        if self.vocab_limit is not None:
+            logits[..., self.vocab_limit :] = float("-inf")
+        if req.sampling.repetition_penalty == 1:
+            return None
+        return torch.tensor(req.prompt_ids + req.generated + drafts)
 
     def _take(self, req: Request, token: int, loops: int, state: torch.Tensor | None) -> None:
         """Append the chosen `token` to `req` (or end it there) and stream what became text."""
