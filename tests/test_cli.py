@@ -475,7 +475,8 @@ def test_train_task_stopped_by_a_signal_exits_cleanly(capsys, monkeypatch, tmp_p
 
 
 @pytest.mark.parametrize(
-    ("extra", "flag"), [(["--sizes", "8"], "--sizes"), (["--baseline", "x"], "--baseline")]
+    ("extra", "flag"),
+    [(["--sizes", "8"], "--sizes"), (["--baseline", "x"], "--baseline"), (["--problems", "8"], "--problems")],
 )
 def test_eval_task_flags_on_a_language_model_are_refused(capsys, checkpoint, extra, flag):
     path, _ = checkpoint

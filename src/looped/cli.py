@@ -223,12 +223,18 @@ def _eval(args: argparse.Namespace) -> None:
         args.loops,
         args.plot,
         args.baseline,
+        problems=args.problems if args.problems is not None else 256,
         **_placement(evaluate_task_checkpoint, args),
     )
     if task is not None:
         print(_json_or(args, task, format_task_result, indent=2))
         return
-    for flag, given in (("--sizes", args.sizes is not None), ("--baseline", args.baseline is not None)):
+    given_flags = (
+        ("--sizes", args.sizes is not None),
+        ("--baseline", args.baseline is not None),
+        ("--problems", args.problems is not None),
+    )
+    for flag, given in given_flags:
         if given:
             raise ValueError(f"{flag} applies to task checkpoints; {args.checkpoint} is a language model")
     result = evaluate_checkpoint(
@@ -653,6 +659,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="exact match on an algorithmic task (default: the one the checkpoint was trained on, if any)",
     )
     p.add_argument("--sizes", type=_int_list, default=None, help="with a task: problem sizes, e.g. 32,64,128")
+    p.add_argument(
+        "--problems", type=_positive, default=None, help="with a task: test problems per size (default 256)"
+    )
     p.add_argument(
         "--baseline",
         default=None,

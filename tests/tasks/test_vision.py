@@ -86,5 +86,7 @@ def test_a_tiny_looped_vit_learns_digits(tmp_path, capsys):
         load(out / "final")  # not a language model: generate, info and serve say so
     assert main(["eval", str(out / "final"), "--sizes", "8"]) == 2
     assert "no problem sizes" in capsys.readouterr().err
+    assert main(["eval", str(out / "final"), "--problems", "8"]) == 2
+    assert "fixed test split" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="no problem size"):
         train_task(load_config(["vision"], sets), "digits", 8, say=lambda m: None)

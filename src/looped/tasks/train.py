@@ -402,12 +402,13 @@ def evaluate_task_checkpoint(
     baseline: str | Path | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    problems: int = 256,
 ) -> dict | None:
     """`looped eval` on a task checkpoint. None when neither `task` is given nor the checkpoint was trained on
     one. Algorithmic tasks: exact match at `sizes` × `loops` (sizes default: 1×, 2× and 4× the training
     size); vision: test accuracy at `loops`; digit_names: writing and reading accuracy on the grid `loops` ×
     `loops` (vision × text). With `baseline` (a non-looped checkpoint, `looped train --task … --baseline`),
-    its accuracy at the same sizes. `device` and `dtype` ("auto"/"cpu"/"cuda", "float32"/"bfloat16"): where and
+    its accuracy at the same sizes. `problems`: test problems per size (algorithmic tasks). `device` and `dtype` ("auto"/"cpu"/"cuda", "float32"/"bfloat16"): where and
     in what precision the models run; None: the checkpoint's [infer] values."""
     from looped.checkpoint import load_config_dir, read_run
     from looped.infer.engine import resolve_device, resolve_dtype
@@ -423,6 +424,10 @@ def evaluate_task_checkpoint(
     sizeless = task in vision.VISION_TASKS or task in multimodal.MULTIMODAL_TASKS
     if sizeless and sizes is not None:
         raise ConfigError(f"{task} has no problem sizes; drop --sizes")
+    if sizeless and problems != 256:
+        raise ConfigError(f"{task} evaluates on its fixed test split; drop --problems")
+    if problems < 1:
+        raise ConfigError(f"--problems must be ≥ 1, got {problems}")
     if task in multimodal.MULTIMODAL_TASKS and baseline is not None:
         raise ConfigError(
             f"--baseline is not supported for {task}; evaluate the baseline checkpoint on its own"
@@ -442,7 +447,7 @@ def evaluate_task_checkpoint(
     def measure(m: torch.nn.Module, ts: list[int]) -> dict:
         if task in vision.VISION_TASKS:
             return vision.evaluate_vision(m, ts)
-        return evaluate_task(m, task, sizes, ts, progress=True)
+        return evaluate_task(m, task, sizes, ts, n=problems, progress=True)
 
     if task in vision.VISION_TASKS:
         size_name = "split"
@@ -453,6 +458,8 @@ def evaluate_task_checkpoint(
             sizes = [base, 2 * base, 4 * base] if task != "mazes" else [base, 2 * base + 1, 4 * base + 1]
     table = measure(model, loops)
     out = {"task": task, "kind": "table", "size_name": size_name, "train_size": run.get("train_size")}
+    if task not in vision.VISION_TASKS:
+        out["problems"] = problems
     out["table"] = table
     if baseline is not None:
         base_model, _ = load_task_model(baseline)
