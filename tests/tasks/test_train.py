@@ -116,7 +116,9 @@ def test_cli_train_and_eval_a_task(tmp_path, capsys):
     assert set(result["table"]) == {"4", "8"} and set(result["table"]["8"]) == {"1", "2", "4", "8"}
     assert plot.read_bytes()[:4] == b"\x89PNG"
     # fewer test problems per size: every accuracy is a multiple of 1/3
-    assert main(["eval", str(out / "final"), "--loops", "1,2", "--sizes", "8", "--problems", "3", "--json"]) == 0
+    assert (
+        main(["eval", str(out / "final"), "--loops", "1,2", "--sizes", "8", "--problems", "3", "--json"]) == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["problems"] == 3
     assert all(abs(3 * a - round(3 * a)) < 1e-9 for a in result["table"]["8"].values())
