@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from looped.checkpoint import load_config_dir
 from looped.cli import main
 from looped.config import ConfigError, load_config
 from looped.model import accounting
@@ -52,6 +53,9 @@ SETS = [
     "train.checkpoint_every=100",
     "eval.loops=[1]",
     "optim.warmup_steps=1",
+    'optim.optimizer="muon"',
+    "optim.lr=2e-3",
+    "optim.muon_lr=0.02",
 ]
 
 
@@ -77,6 +81,9 @@ def test_compare_picks_a_rate_per_model_and_runs_the_seeds(data, tmp_path):
     lines = (tmp_path / "cmp" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 3 * (2 + 1) * 3  # models × (grid + one more seed) × evaluated loop counts
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    for r in rows.values():  # each grid rate scaled Muon's rate too: 1e-3 → 0.01, 1e-2 → 0.1
+        saved = load_config_dir(tmp_path / "cmp" / f"{r['model']}_lr{r['lr']:g}_seed1" / "final").optim
+        assert saved.lr == r["lr"] and saved.muon_lr == pytest.approx(10 * r["lr"])
     assert "params-matched" in format_compare(summary)
     # Resumed: nothing runs again.
     again = compare(

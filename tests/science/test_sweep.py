@@ -8,7 +8,7 @@ import pytest
 
 from looped.cli import main
 from looped.config import ConfigError
-from looped.science.sweep import format_table, load_grid, run_sweep
+from looped.science.sweep import format_table, load_grid, run_sweep, set_lr
 
 GRID = """
 [sweep]
@@ -152,3 +152,12 @@ def test_shipped_grids_load():
     assert grids
     for path in grids:
         assert load_grid(path).runs()
+
+
+def test_a_grid_rate_scales_muons_rate_by_the_same_factor():
+    tree = {"optim": {"optimizer": "muon", "lr": 1e-2, "muon_lr": 0.02}}
+    set_lr(tree, 5e-3)
+    assert tree["optim"]["lr"] == 5e-3 and tree["optim"]["muon_lr"] == pytest.approx(0.01)
+    tree = {"optim": {"optimizer": "adamw", "lr": 1e-2, "muon_lr": 0.02}}
+    set_lr(tree, 3e-2)
+    assert tree["optim"] == {"optimizer": "adamw", "lr": 3e-2, "muon_lr": 0.02}

@@ -7,7 +7,8 @@ Fairness, as built here:
 - every run reads the same token stream (data order is a function of train.seed, shared by all models);
 - the schedule has the same shape (warmup, decay fraction) scaled to each run's steps;
 - a learning rate is picked per model, by the seed-0 validation loss over `lrs`: deeper models want lower
-  rates, and a shared rate would decide the comparison by itself;
+  rates, and a shared rate would decide the comparison by itself (with Muon, a grid point scales Muon's
+  rate by the same factor: `sweep.set_lr`);
 - with a FLOP budget, each model gets the tokens its training FLOPs per token allow.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from looped.config import Config, ConfigError, from_dict, load_config
 from looped.model import accounting
-from looped.science.sweep import RESULTS, execute, finished_runs, read_results
+from looped.science.sweep import RESULTS, execute, finished_runs, read_results, set_lr
 
 ROLES = ("looped", "params-matched", "flops-matched")
 
@@ -97,7 +98,7 @@ def compare(
     def job(role: str, lr: float, seed: int):
         name = f"{role}_lr{lr:g}_seed{seed}"
         tree = configs[role].to_dict()
-        tree["optim"]["lr"] = lr
+        set_lr(tree, lr)
         tree["train"].update(seed=seed, steps=steps[role], out=str(out / name))
         tree["eval"]["every"] = 0
         return name, from_dict(tree), {"model": role, "lr": lr}

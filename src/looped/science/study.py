@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from looped.config import ConfigError, from_dict, load_config
-from looped.science.sweep import RESULTS, execute, finished_runs, read_results
+from looped.science.sweep import RESULTS, execute, finished_runs, read_results, set_lr
 
 INJECTIONS = ("diagonal", "linear", "additive")
 SPECTRAL = {"none": [], "spectral": ["injection", "readout"]}
@@ -99,7 +99,7 @@ def study_stability(
                 # additive injection has no matrix to constrain: its "spectral" variant bounds the readout
                 bound = [g for g in groups if not (inj == "additive" and g == "injection")]
                 tree["model"].update(injection=inj, spectral_norm=bound)
-                tree["optim"]["lr"] = lr
+                set_lr(tree, lr)
                 tree["train"].update(out=str(out / name), max_rollbacks=1)
                 tree["eval"].update(every=0, loops=[max(1, round(base.loops.mean_loops))])
                 jobs.append((name, from_dict(tree), {"injection": inj, "spectral": spectral, "lr": lr}))

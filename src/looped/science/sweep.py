@@ -42,6 +42,16 @@ RESULTS = "results.jsonl"
 SWEEP_KEYS = {"base", "set", "out", "seeds", "eval_loops", "eval_windows", "parallel"}
 
 
+def set_lr(tree: dict[str, dict[str, Any]], lr: float) -> None:
+    """Set a config tree's learning rate to `lr` for a learning-rate grid. optim.lr is AdamW's rate; with
+    optim.optimizer = "muon", Muon's rate on the hidden matrices moves by the same factor, so that a grid
+    point scales the whole optimizer (the tree's own ratio muon_lr / lr is kept)."""
+    optim = tree["optim"]
+    if optim.get("optimizer") == "muon":
+        optim["muon_lr"] = optim["muon_lr"] * lr / optim["lr"]
+    optim["lr"] = lr
+
+
 @dataclass
 class Grid:
     """A parsed GRID.toml."""

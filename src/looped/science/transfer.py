@@ -24,7 +24,7 @@ from looped.config import Config, ConfigError, ModelConfig, from_dict, load_conf
 from looped.model import accounting
 from looped.model.lm import LoopedLM
 from looped.science.compare import steps_for
-from looped.science.sweep import RESULTS, execute, finished_runs, read_results
+from looped.science.sweep import RESULTS, execute, finished_runs, read_results, set_lr
 from looped.train.trainer import TrainResult, train
 
 
@@ -161,7 +161,7 @@ class _Study:
             tree["loops"]["mean_loops"] = float(mu)
             tree["model"]["loops"] = mu
         steps = steps_for(from_dict(tree), "tokens", tokens)
-        tree["optim"]["lr"] = lr
+        set_lr(tree, lr)
         tree["train"].update(steps=steps, out=str(self.out / name), **train)
         tree["eval"]["every"] = 0
         phase, rest = record["phase"], {k: v for k, v in record.items() if k != "phase"}
