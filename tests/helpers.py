@@ -62,6 +62,7 @@ def tiny(**overrides) -> ModelConfig:
         max_seq_len=32,
         value_embeds=True,
         value_gate_channels=8,
+        readout=True,
     )
     base.update(overrides)
     return ModelConfig(**base)

@@ -84,7 +84,7 @@ def test_set_overrides_a_preset():
     ],
 )
 def test_set_parses_values(item, key, expected):
-    value = getattr(load_config(overrides=[item]).model, key)
+    value = getattr(load_config(overrides=["model.readout=true", item]).model, key)
     assert value == expected
     assert type(value) is type(expected)
 
@@ -249,7 +249,7 @@ VALIDATE_CASES = {
     "init_decay one": ({"init_decay": 1.0}, r"model\.init_decay must lie in \(0, 1\)"),
     "injection_gain zero": ({"injection_gain": 0.0}, r"model\.injection_gain must be > 0"),
     "residual readout bounded": (
-        {"readout_init": "residual", "spectral_norm": ["readout"]},
+        {"readout": True, "readout_init": "residual", "spectral_norm": ["readout"]},
         r"'readout' bounds C, but readout_init = 'residual'",
     ),
     "spectral_bound zero": ({"spectral_bound": 0.0}, r"model\.spectral_bound must be > 0"),
@@ -305,7 +305,7 @@ def test_validate_accepts_the_edges():
     ModelConfig(core_layers=0)  # a standard transformer
     ModelConfig(prelude_layers=0, coda_layers=0, core_layers=1)
     ModelConfig(value_gate_channels=128, value_embed_layers=[0, 3])
-    ModelConfig(spectral_norm=["injection", "readout", "core-out", "core"])
+    ModelConfig(readout=True, spectral_norm=["injection", "readout", "core-out", "core"])
 
 
 def test_invalid_toml_file(tmp_path):
@@ -326,7 +326,7 @@ def test_unknown_preset_lists_presets_and_suggests():
 
 def test_every_preset_file_loads():
     files = sorted(PRESET_DIR.glob("*.toml"))
-    assert files and presets() == [f.stem for f in files]
+    assert files and presets() == sorted(f.stem for f in files)
     for f in files:
         by_name, by_path = load_config([f.stem]), load_config([f])
         assert by_name == by_path
@@ -378,6 +378,7 @@ def test_round_trip_none_fields_and_lists(tmp_path):
             "model.mlp=swiglu",
             "model.logit_softcap=30.0",
             "model.value_embed_layers=[0, 3]",
+            "model.readout=true",
             'model.spectral_norm=["core", "readout"]',
             "model.init_decay=0.25",
             "model.norm_eps=1e-6",
@@ -503,3 +504,18 @@ def test_a_key_that_is_not_a_digest_says_how_to_make_one():
         ConfigError, match=r"64 lowercase hex digits \(`looped serve --hash-key < key\.txt`\)"
     ):
         from_dict({"serve": {"keys": [{"name": "me", "sha256": "my-secret-key"}]}})
+
+
+def test_the_defaults_are_the_recipe_and_the_parcae_preset_restores_parcaes_parts():
+    cfg = load_config(["cpu-compare"])
+    assert not cfg.model.readout and cfg.optim.optimizer == "muon"
+    assert cfg.model.injection == "diagonal" and cfg.model.prelude_norm and cfg.loops.sampler == "poisson"
+    parcae = load_config(["cpu-compare", "parcae"])
+    assert parcae.model.readout and parcae.model.readout_init == "orthogonal"
+    assert parcae.optim.optimizer == "adamw"
+    # the rest of the config is the one it was stacked on
+    assert parcae.model.width == cfg.model.width and parcae.loops == cfg.loops and parcae.data == cfg.data
+    # the task presets keep the readout and AdamW their documented results were measured with
+    for name in ("prefix-sums", "mazes", "vision"):
+        task = load_config([name])
+        assert task.model.readout and task.optim.optimizer == "adamw"

@@ -19,6 +19,7 @@ SETS = [
     "optim.warmup_steps=0",
     "optim.grad_clip=0",
     "eval.max_windows=4",
+    "model.readout=true",  # the full grid: every injection constrained too
 ]
 
 
@@ -58,3 +59,15 @@ def test_stability_grid(data, tmp_path, capsys):
 def test_bad_learning_rates(capsys):
     assert main(["study", "stability", "--preset", "debug", "--lrs", "x", "--out", "/tmp/never"]) == 2
     assert "comma-separated" in capsys.readouterr().err
+
+
+def test_without_a_readout_additive_has_no_constrained_variant(data, tmp_path):
+    sets = [f"data.path={data}", *SETS, "model.readout=false"]
+    summary = study_stability(["debug"], sets, [1e-3], tmp_path / "study", say=lambda m: None)
+    assert sorted((r["injection"], r["spectral"]) for r in summary["rows"]) == [
+        ("additive", "none"),
+        ("diagonal", "none"),
+        ("diagonal", "spectral"),
+        ("linear", "none"),
+        ("linear", "spectral"),
+    ]

@@ -79,6 +79,7 @@ def test_curriculum_from_prefix_sums_to_parity_grows_the_vocabulary(tmp_path):
             *SETS,
             "train.steps=1",
             "optim.lr=1e-12",
+            "optim.muon_lr=1e-12",
             f"train.init_from={src / 'final'}",
             f"train.out={tmp_path / 'par'}",
         ],

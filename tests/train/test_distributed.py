@@ -47,6 +47,8 @@ def torchrun(config_file, cwd) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(data, tmp_path, parallel):
     sections = dict(train={"steps": 6, "global_batch": 4, "micro_batch": 2, "checkpoint_every": 3})
+    if parallel == "fsdp":  # Muon (the default) needs whole matrices; FSDP2 shards them
+        sections["optim"] = {"optimizer": "adamw"}
     single = train(train_config(data, tmp_path / "single", **sections))
     cfg = train_config(data, tmp_path / "dist", **sections, **{"eval": {"every": 3, "loops": [1, 2]}})
     cfg.train.parallel = parallel

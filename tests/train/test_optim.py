@@ -25,7 +25,7 @@ def test_no_decay_on_norms_injection_and_embeddings():
     assert {"embed.weight", "injection.A_log", "injection.B.weight"} <= r
     assert all("norm" not in n for n in h)
     assert not any(n.startswith(("embed", "value_embeds", "injection")) for n in h)
-    opt = build_optimizers(model, OptimConfig(weight_decay=0.1)).optimizers[0]
+    opt = build_optimizers(model, OptimConfig(optimizer="adamw", weight_decay=0.1)).optimizers[0]
     decays = {g["weight_decay"]: names(model, g["params"]) for g in opt.param_groups}
     assert decays[0.1] == h and decays[0.0] == r
 

@@ -94,7 +94,11 @@ class ModelConfig(Section):
     )
     injection_bias: bool = doc(False, "A bias on the linear injection's matrix (Huginn's adapter with bias).")
     prelude_norm: bool = doc(True, "RMSNorm on the prelude output e before it is injected.")
-    readout: bool = doc(True, "Linear readout C from the recurrent state to the coda.")
+    readout: bool = doc(
+        False,
+        "Linear readout C from the recurrent state to the coda (Parcae). Off by default: at the scales measured "
+        "here it cost the looped model 0.03–0.22 nats (docs/results.md); the `parcae` preset turns it on.",
+    )
     final_norm: FinalNorm = doc(
         "head",
         "Where the final RMSNorm applies: head (after the coda, before the head); state-and-head (also to "
@@ -358,7 +362,8 @@ class OptimConfig(Section):
     _section: typing.ClassVar[str] = "optim"
 
     optimizer: Literal["adamw", "muon"] = doc(
-        "adamw", "adamw for everything, or muon for 2-D hidden matrices with AdamW for the rest (Parcae)."
+        "muon",
+        "muon for 2-D hidden matrices with AdamW (optim.lr) for the rest (Parcae), or adamw for everything.",
     )
     lr: float = doc(3e-3, "Peak AdamW learning rate.")
     muon_lr: float = doc(0.02, "Peak Muon learning rate (hidden matrices, when optimizer = muon).")

@@ -1,8 +1,9 @@
 """`looped study stability`: which injections train stably, and up to which learning rate.
 
 Each variant — injection `diagonal` (Parcae), `linear` (Huginn) or `additive`, each with and without the
-spectral-norm constraint on the injection and readout (additive has no injection matrix: readout only) — trains for the same steps at every learning rate
-of a grid, with the same data and seed. For each run: diverged or not (non-finite steps that roll-backs
+spectral-norm constraint on the injection and readout (additive has no injection matrix: readout only;
+without a readout, the default, additive has no constrained variant) — trains for the same steps at every
+learning rate of a grid, with the same data and seed. For each run: diverged or not (non-finite steps that roll-backs
 could not cure), final loss, the largest loss spike (the most the logged loss rose above its running
 minimum), the largest mean state norm after any loop, and ρ(Ā) at the end.
 """
@@ -96,8 +97,14 @@ def study_stability(
             for lr in lrs:
                 name = f"{inj}_{spectral}_lr{lr:g}"
                 tree = base.to_dict()
-                # additive injection has no matrix to constrain: its "spectral" variant bounds the readout
-                bound = [g for g in groups if not (inj == "additive" and g == "injection")]
+                # only what exists is bounded: additive injection has no matrix, a model may have no readout
+                bound = [
+                    g
+                    for g in groups
+                    if not (inj == "additive" and g == "injection") and (g != "readout" or base.model.readout)
+                ]
+                if groups and not bound:
+                    continue
                 tree["model"].update(injection=inj, spectral_norm=bound)
                 set_lr(tree, lr)
                 tree["train"].update(out=str(out / name), max_rollbacks=1)
@@ -105,7 +112,7 @@ def study_stability(
                 jobs.append((name, from_dict(tree), {"injection": inj, "spectral": spectral, "lr": lr}))
     todo = [j for j in jobs if j[0] not in done]
     say(
-        f"stability: {len(jobs)} runs ({len(injections)} injections × 2 × {len(lrs)} learning rates), {len(todo)} to run"
+        f"stability: {len(jobs)} runs (injections × spectral norm × {len(lrs)} learning rates), {len(todo)} to run"
     )
     execute(todo, results, parallel, [], 0, say, worker=stability_run)
     rows = read_results(results)
