@@ -28,14 +28,23 @@ $(STAMP): $(BIN)/python pyproject.toml
 DATA := data/shakespeare
 RUN := runs/demo
 
+PS := runs/demo-prefix-sums
+PS_TRAIN := --preset prefix-sums --task prefix_sums --size 16,32 --set train.steps=600 --set optim.schedule=cosine --resume
+
 # The main job: prepare the bundled Shakespeare corpus, train the `demo` preset (resuming if it was
 # interrupted; a finished run is not retrained), then show what more loops buy, and generate with a
-# fixed loop count and with adaptive exit (loops used per token printed).
+# fixed loop count and with adaptive exit (loops used per token printed). Second part: a looped encoder
+# learns prefix sums on 16- then 32-bit inputs, and solves far longer ones when it runs more loops; the
+# non-looped baseline of the same blocks trains the same way and shows as the last column.
 demo: $(STAMP) $(DATA)/manifest.json
 	$(BIN)/looped train --preset demo --resume
 	$(BIN)/looped eval $(RUN)/final --loops 1,2,3,4,6,8,12,16,24,32 --plot $(RUN)/loss_vs_loops.png
 	$(BIN)/looped generate $(RUN)/final --prompt "KING HENRY." --loops 1,4,16 --max-new-tokens 60 --show-loops
 	$(BIN)/looped generate $(RUN)/final --prompt "KING HENRY." --loops 16 --exit kl:1e-4 --max-new-tokens 60
+	$(BIN)/looped train $(PS_TRAIN) --set train.out=$(PS)/looped
+	$(BIN)/looped train $(PS_TRAIN) --baseline --set train.out=$(PS)/baseline
+	$(BIN)/looped eval $(PS)/looped/final --sizes 32,128,512 --loops 8,32,128,512 --problems 32 \
+		--baseline $(PS)/baseline/final --plot $(PS)/accuracy.png
 
 # The CPU wheel's PyPI torchvision/torchaudio/torchcodec builds are CUDA-linked and break vLLM's imports on a
 # CPU: they are removed. looped goes in without dependencies (vLLM brings what the plugin needs).
