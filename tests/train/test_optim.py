@@ -8,6 +8,7 @@ from helpers import tiny
 
 from looped import LoopedLM
 from looped.config import OptimConfig
+from looped.train.muon import Muon
 from looped.train.optim import build_optimizers, lr_factor, split_params
 
 
@@ -34,7 +35,7 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
     model = LoopedLM(tiny())
     opts = build_optimizers(model, OptimConfig(optimizer="muon"))
     muon, adamw = opts.optimizers
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 97, (2, 2, 8), generator=gen)
@@ -62,7 +63,7 @@ def test_core_and_injection_learning_rates(optimizer, rule, k, factor):
     opts = build_optimizers(model, cfg, backprop_loops=k)
     rate = {}
     for opt in opts.optimizers:
-        base = 0.02 if isinstance(opt, torch.optim.Muon) else 1e-3
+        base = 0.02 if isinstance(opt, Muon) else 1e-3
         for g in opt.param_groups:
             for n in names(model, g["params"]):
                 rate[n] = g["lr"] / base

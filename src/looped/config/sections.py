@@ -368,6 +368,11 @@ class OptimConfig(Section):
     lr: float = doc(3e-3, "Peak AdamW learning rate.")
     muon_lr: float = doc(0.02, "Peak Muon learning rate (hidden matrices, when optimizer = muon).")
     muon_momentum: float = doc(0.95, "Muon momentum (Nesterov).")
+    muon_ns_dtype: Literal["auto", "float32", "bfloat16"] = doc(
+        "auto",
+        "Dtype of Muon's Newton–Schulz products: auto is bfloat16 on a GPU and on a CPU with bf16 matrix "
+        "units (as torch.optim.Muon), float32 elsewhere, where bfloat16 products are ~100× slower.",
+    )
     core_lr_scale: Literal["1", "1/k", "1/sqrt(k)"] = doc(
         "1",
         "Learning rate of the core's parameters against the rest, with k = loops.backprop_loops: the core's "

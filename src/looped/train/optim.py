@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from looped.config import ConfigError, OptimConfig
+from looped.train.muon import Muon
 
 # Blocks whose 2-D weights are "hidden matrices": Muon's domain, and the only weights that get weight decay.
 # Embeddings, the head, norms and the injection (whose A_log, dt and B set the loop's stability) never decay.
@@ -86,23 +87,32 @@ def build_optimizers(
         raise ConfigError(
             "optim.optimizer = 'muon' needs whole matrices; use train.parallel = 'ddp' or adamw"
         )
-    if not hasattr(torch.optim, "Muon"):
-        raise ConfigError(f"optim.optimizer = 'muon' needs torch ≥ 2.9 (this is {torch.__version__})")
     opts: list[torch.optim.Optimizer] = []
     if hidden:
         opts.append(
-            torch.optim.Muon(
+            Muon(
                 _scaled_groups(hidden, scale, cfg.muon_lr, cfg.weight_decay),
                 lr=cfg.muon_lr,
                 weight_decay=cfg.weight_decay,
                 momentum=cfg.muon_momentum,
                 nesterov=True,
+                ns_dtype=muon_ns_dtype(cfg, hidden[0].device),
             )
         )
     if rest:
         groups = _scaled_groups(rest, scale, cfg.lr, 0.0)
         opts.append(torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, **fused))
     return Optimizers(opts)
+
+
+def muon_ns_dtype(cfg: OptimConfig, device: torch.device) -> torch.dtype:
+    """The dtype of Muon's Newton–Schulz products on `device` (optim.muon_ns_dtype; auto: the device's
+    fastest of bfloat16 and float32, `looped.infer.precision.fastest_dtype`)."""
+    if cfg.muon_ns_dtype != "auto":
+        return getattr(torch, cfg.muon_ns_dtype)
+    from looped.infer.precision import fastest_dtype
+
+    return fastest_dtype(device)
 
 
 # Parameters of the injection's part: what carries e into the state and the state out to the coda.
