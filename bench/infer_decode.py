@@ -1,7 +1,7 @@
 """Decode speed and KV-cache memory of the looped Engine against Hugging Face transformers' Llama, per dtype.
 
 One run measures, on the same machine load, in each dtype of --dtypes (float32 and bfloat16 by default;
-`auto` is what `looped.infer.precision.fastest_dtype` picks on this CPU):
+`auto` is what `looped.precision.fastest_dtype` picks on this CPU):
 - the looped model: width 512, 8 heads, 2/2/2 layers, vocabulary 4096, ModelConfig's default MLP
   (relu2 at 4·width), random init, eval; `Engine(model, kv_cache=...).generate(prompts, loops=T,
   max_new_tokens=N, temperature=0)` for kv_cache "shared" and "per-loop", loops 1, 4, 8, 16, batch 1 and 16
@@ -68,7 +68,7 @@ from looped import LoopedLM, ModelConfig
 from looped.infer.cache import KVCache
 from looped.infer.engine import Engine
 from looped.infer.forward import forward_cached
-from looped.infer.precision import cpu_flags, fastest_dtype
+from looped.precision import cpu_flags, fastest_dtype
 
 MODEL = dict(
     width=512, n_heads=8, prelude_layers=2, core_layers=2, coda_layers=2, vocab_size=4096, max_seq_len=1024
@@ -288,7 +288,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def parse_dtypes(text: str) -> list[torch.dtype]:
-    """ "float32,bfloat16", or "auto" for the dtype `looped.infer.precision.fastest_dtype` picks here."""
+    """ "float32,bfloat16", or "auto" for the dtype `looped.precision.fastest_dtype` picks here."""
     out = []
     for name in (v.strip() for v in text.split(",") if v.strip()):
         if name not in (*DTYPES, "auto"):

@@ -147,7 +147,7 @@ def test_engine_device_and_dtype_default_to_infer_config(trained, tmp_path):
 
 @pytest.mark.parametrize("fastest", [torch.bfloat16, torch.float32])
 def test_auto_dtype_is_what_the_device_computes_fastest(trained, tmp_path, monkeypatch, fastest):
-    import looped.infer.precision as precision
+    import looped.precision as precision
 
     asked = []
     monkeypatch.setattr(precision, "fastest_dtype", lambda device: asked.append(device) or fastest)

@@ -53,7 +53,7 @@ def test_muon_refuses_non_matrices():
 
 
 def test_auto_picks_float32_where_bf16_products_are_slow(monkeypatch):
-    from looped.infer import precision
+    from looped import precision
 
     cfg = OptimConfig(optimizer="muon")
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda flags=None: False)

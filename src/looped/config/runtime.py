@@ -37,7 +37,7 @@ class InferConfig(Section):
     dtype: Literal["float32", "bfloat16", "auto"] = doc(
         "float32",
         "Weights and activations at inference; bfloat16 halves memory and, on a GPU or a CPU with AVX-512 BF16 "
-        "or AMX, speeds decoding; auto picks bfloat16 where the device has it (looped.infer.precision).",
+        "or AMX, speeds decoding; auto picks bfloat16 where the device has it (looped.precision).",
     )
 
     def validate(self) -> None:

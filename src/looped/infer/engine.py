@@ -707,11 +707,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
     """The torch.dtype for "float32", "bfloat16" or "auto" (the fastest `device` computes in:
-    `looped.infer.precision.fastest_dtype`); a torch.dtype passes through."""
+    `looped.precision.fastest_dtype`); a torch.dtype passes through."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        from looped.infer.precision import fastest_dtype
+        from looped.precision import fastest_dtype
 
         return fastest_dtype(device)
     if dtype not in DTYPES:

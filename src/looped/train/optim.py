@@ -107,10 +107,10 @@ def build_optimizers(
 
 def muon_ns_dtype(cfg: OptimConfig, device: torch.device) -> torch.dtype:
     """The dtype of Muon's Newton–Schulz products on `device` (optim.muon_ns_dtype; auto: the device's
-    fastest of bfloat16 and float32, `looped.infer.precision.fastest_dtype`)."""
+    fastest of bfloat16 and float32, `looped.precision.fastest_dtype`)."""
     if cfg.muon_ns_dtype != "auto":
         return getattr(torch, cfg.muon_ns_dtype)
-    from looped.infer.precision import fastest_dtype
+    from looped.precision import fastest_dtype
 
     return fastest_dtype(device)
 

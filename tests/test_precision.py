@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from helpers import randomize_, tiny
 
+from looped import precision
 from looped.infer import cache as cache_module
-from looped.infer import precision
 from looped.infer.cache import CacheLayer, KVCache, SingleQueryLayer
 from looped.infer.engine import Engine
 from looped.infer.forward import forward_cached

@@ -1,4 +1,5 @@
-"""The fastest dtype a device decodes in: bfloat16 where the hardware multiplies it natively, float32 elsewhere.
+"""The faster of bfloat16 and float32 on a device (for decoding and for Muon's orthogonalisation): bfloat16 where
+the hardware multiplies it natively, float32 elsewhere.
 
 A batch-1 decode step is a chain of matrix-vector products, mostly bound by the bytes of weights read from
 memory, which bfloat16 halves; a batched step is bound by the multiplies, which native bf16 instructions
