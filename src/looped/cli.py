@@ -223,7 +223,7 @@ def _eval(args: argparse.Namespace) -> None:
         args.loops,
         args.plot,
         args.baseline,
-        problems=args.problems if args.problems is not None else 256,
+        problems=args.problems,
         **_placement(evaluate_task_checkpoint, args),
     )
     if task is not None:

@@ -86,3 +86,18 @@ def fastest_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     if device.type != "cpu" or not cpu_has_native_bf16():
         return torch.float32
     return torch.bfloat16 if bf16_probe_speedup() >= MIN_PROBE_SPEEDUP else torch.float32
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """The torch.dtype for "float32", "bfloat16" or "auto" (the fastest `device` computes in:
+    `fastest_dtype`); a torch.dtype passes through."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return fastest_dtype(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES)} or auto")
+    return DTYPES[dtype]

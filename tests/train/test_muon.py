@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from looped.config import OptimConfig
-from looped.train import optim
+from looped.precision import resolve_dtype
 from looped.train.muon import Muon, orthogonalize
 
 
@@ -57,11 +57,11 @@ def test_auto_picks_float32_where_bf16_products_are_slow(monkeypatch):
 
     cfg = OptimConfig(optimizer="muon")
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda flags=None: False)
-    assert optim.muon_ns_dtype(cfg, torch.device("cpu")) == torch.float32
+    assert resolve_dtype(cfg.muon_ns_dtype, torch.device("cpu")) == torch.float32
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda flags=None: True)
     monkeypatch.setattr(precision, "bf16_probe_speedup", lambda: 2.0)
-    assert optim.muon_ns_dtype(cfg, torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype(cfg.muon_ns_dtype, torch.device("cpu")) == torch.bfloat16
     monkeypatch.setattr(precision, "bf16_probe_speedup", lambda: 0.01)  # an AVX2-only CPU
-    assert optim.muon_ns_dtype(cfg, torch.device("cpu")) == torch.float32
+    assert resolve_dtype(cfg.muon_ns_dtype, torch.device("cpu")) == torch.float32
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        assert optim.muon_ns_dtype(OptimConfig(muon_ns_dtype=name), torch.device("cpu")) == dtype
+        assert resolve_dtype(OptimConfig(muon_ns_dtype=name).muon_ns_dtype, torch.device("cpu")) == dtype

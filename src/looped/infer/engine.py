@@ -30,6 +30,7 @@ from looped.infer.forward import forward_cached
 from looped.infer.sampling import SamplingParams, find_stop, next_token, token_probs
 from looped.infer.speculative import RowPlan, choose, parse_speculative, speculative_round
 from looped.model.lm import LoopedLM
+from looped.precision import resolve_dtype
 
 
 @dataclass
@@ -685,9 +686,6 @@ def checkpoint_stop_ids(path: Path, tokenizer, chat: ChatFormat) -> set[int]:
     return ids
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 def resolve_device(device: str | torch.device) -> torch.device:
     """The torch.device for "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N"; asking for
     CUDA where there is none is a ValueError that says so (rather than torch's error deep in a load)."""
@@ -703,17 +701,3 @@ def resolve_device(device: str | torch.device) -> torch.device:
         why = "this torch has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
         raise ValueError(f"device {device!r} asked for, but CUDA is not available ({why}); use cpu or auto")
     return resolved
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
-    """The torch.dtype for "float32", "bfloat16" or "auto" (the fastest `device` computes in:
-    `looped.precision.fastest_dtype`); a torch.dtype passes through."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        from looped.precision import fastest_dtype
-
-        return fastest_dtype(device)
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES)} or auto")
-    return DTYPES[dtype]

@@ -458,11 +458,8 @@ def export_hf(
         )
     if num_loops is not None and num_loops < 1:
         raise ValueError(f"num_loops must be ≥ 1, got {num_loops}")
-    native = load(
-        checkpoint,
-        device=resolve_device(device or "cpu"),
-        dtype=resolve_dtype(dtype or "float32", resolve_device(device or "cpu")),
-    )
+    where = resolve_device(device or "cpu")
+    native = load(checkpoint, device=where, dtype=resolve_dtype(dtype or "float32", where))
     model = LoopedForCausalLM.from_native(native.cpu(), num_loops=num_loops)
     model.config.auto_map = {
         "AutoConfig": f"{SHIM[:-3]}.LoopedHFConfig",

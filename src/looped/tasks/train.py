@@ -45,6 +45,7 @@ from looped.train.state import (
 from looped.train.step import Stepper, StepResult, StopOnSignal, uses_bf16
 
 CONTEXT = 8192  # RoPE table length for task models: test sizes far beyond the training size must fit
+TEST_PROBLEMS = 256  # per size, in `looped eval` of an algorithmic task
 
 
 def task_config(cfg: Config, task: str) -> Config:
@@ -322,7 +323,7 @@ def evaluate_task(
     task: str,
     sizes: list[int],
     loops: list[int],
-    n: int = 256,
+    n: int = TEST_PROBLEMS,
     seed: int = 10_000,
     batch: int = 64,
     progress: bool = False,
@@ -402,13 +403,13 @@ def evaluate_task_checkpoint(
     baseline: str | Path | None = None,
     device: str | None = None,
     dtype: str | None = None,
-    problems: int = 256,
+    problems: int | None = None,
 ) -> dict | None:
     """`looped eval` on a task checkpoint. None when neither `task` is given nor the checkpoint was trained on
     one. Algorithmic tasks: exact match at `sizes` × `loops` (sizes default: 1×, 2× and 4× the training
     size); vision: test accuracy at `loops`; digit_names: writing and reading accuracy on the grid `loops` ×
     `loops` (vision × text). With `baseline` (a non-looped checkpoint, `looped train --task … --baseline`),
-    its accuracy at the same sizes. `problems`: test problems per size (algorithmic tasks). `device` and `dtype` ("auto"/"cpu"/"cuda", "float32"/"bfloat16"): where and
+    its accuracy at the same sizes. `problems`: test problems per size (algorithmic tasks; None: TEST_PROBLEMS). `device` and `dtype` ("auto"/"cpu"/"cuda", "float32"/"bfloat16"): where and
     in what precision the models run; None: the checkpoint's [infer] values."""
     from looped.checkpoint import load_config_dir, read_run
     from looped.infer.engine import resolve_device, resolve_dtype
@@ -424,8 +425,9 @@ def evaluate_task_checkpoint(
     sizeless = task in vision.VISION_TASKS or task in multimodal.MULTIMODAL_TASKS
     if sizeless and sizes is not None:
         raise ConfigError(f"{task} has no problem sizes; drop --sizes")
-    if sizeless and problems != 256:
+    if sizeless and problems is not None:
         raise ConfigError(f"{task} evaluates on its fixed test split; drop --problems")
+    problems = TEST_PROBLEMS if problems is None else problems
     if problems < 1:
         raise ConfigError(f"--problems must be ≥ 1, got {problems}")
     if task in multimodal.MULTIMODAL_TASKS and baseline is not None:

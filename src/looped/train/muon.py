@@ -4,7 +4,7 @@ The update is torch.optim.Muon's: Nesterov momentum, then five quintic Newton–
 update's singular values towards 1, then a step scaled by √max(1, rows / cols). torch runs the Newton–Schulz
 products in bfloat16, which is right on a GPU and on a CPU with bf16 matrix units, and ~100× slower than
 float32 on a CPU without them (AVX2 only), where it would dominate a small model's step. `ns_dtype` picks:
-`looped.precision.fastest_dtype` decides for `optim.muon_ns_dtype = "auto"`. In bfloat16 the update
+`looped.precision.resolve_dtype` (auto: the device's fastest) decides it from `optim.muon_ns_dtype`. In bfloat16 the update
 is torch's bit for bit (tests/train/test_muon.py).
 """
 

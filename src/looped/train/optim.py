@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from looped.config import ConfigError, OptimConfig
+from looped.precision import resolve_dtype
 from looped.train.muon import Muon
 
 # Blocks whose 2-D weights are "hidden matrices": Muon's domain, and the only weights that get weight decay.
@@ -96,23 +97,13 @@ def build_optimizers(
                 weight_decay=cfg.weight_decay,
                 momentum=cfg.muon_momentum,
                 nesterov=True,
-                ns_dtype=muon_ns_dtype(cfg, hidden[0].device),
+                ns_dtype=resolve_dtype(cfg.muon_ns_dtype, hidden[0].device),
             )
         )
     if rest:
         groups = _scaled_groups(rest, scale, cfg.lr, 0.0)
         opts.append(torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, **fused))
     return Optimizers(opts)
-
-
-def muon_ns_dtype(cfg: OptimConfig, device: torch.device) -> torch.dtype:
-    """The dtype of Muon's Newton–Schulz products on `device` (optim.muon_ns_dtype; auto: the device's
-    fastest of bfloat16 and float32, `looped.precision.fastest_dtype`)."""
-    if cfg.muon_ns_dtype != "auto":
-        return getattr(torch, cfg.muon_ns_dtype)
-    from looped.precision import fastest_dtype
-
-    return fastest_dtype(device)
 
 
 # Parameters of the injection's part: what carries e into the state and the state out to the coda.
