@@ -137,3 +137,32 @@ def test_unknown_mode_and_overlong_sequences_are_errors(model):
     cache = KVCache(model.cfg, "shared")
     with pytest.raises(ValueError, match="context of 32 tokens"):
         forward_cached(model, cache, torch.zeros(1, 33, dtype=torch.long), loops=1)
+
+
+class _NoComplex(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that makes a complex tensor (the ONNX and ExecuTorch exporters lower none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.complex_ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = out if isinstance(out, (tuple, list)) else (out,)
+        if any(isinstance(t, torch.Tensor) and t.is_complex() for t in flat):
+            self.complex_ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("pairing", ["interleaved", "half"])
+def test_no_complex_tensor_in_any_forward_or_backward(pairing):
+    model = randomize_(LoopedLM(tiny(rope_pairing=pairing)))
+    x = torch.tensor([PROMPT])
+    with _NoComplex() as mode:
+        model(x, labels=x, loops=3).loss.backward()  # training: the rotation's own backward
+        model.eval()
+        with torch.no_grad():
+            model(x, loops=3)
+            for kv in ("per-loop", "shared"):
+                decode_logits(model, [*PROMPT, 19, 23], len(PROMPT), 3, kv)
+    assert mode.complex_ops == []

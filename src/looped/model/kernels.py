@@ -161,30 +161,30 @@ def relu2(h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return F.relu_(h).square_() if inplace else F.relu(h).square_()
 
 
-def _as_pairs(x: torch.Tensor, pairing: str) -> torch.Tensor:
-    """x (..., hd) as hd/2 complex numbers in float32 or wider: adjacent channels, or (i, i + hd/2)."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+def _pairs(x: torch.Tensor, pairing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., hd) as the two halves (a, b) of its hd/2 channel pairs: adjacent channels, or (i, i + hd/2)."""
     if pairing == "half":
         h = x.shape[-1] // 2
-        return torch.complex(xf[..., :h], xf[..., h:])
-    return torch.view_as_complex(xf.unflatten(-1, (-1, 2)))
-
-
-def _from_pairs(z: torch.Tensor, pairing: str, like: torch.Tensor) -> torch.Tensor:
-    """The inverse of `_as_pairs`, back in like's dtype."""
-    if pairing == "half":
-        return torch.cat([z.real, z.imag], dim=-1).type_as(like)
-    return torch.view_as_real(z).flatten(-2).type_as(like)
+        return x[..., :h], x[..., h:]
+    pairs = x.unflatten(-1, (-1, 2))
+    return pairs[..., 0], pairs[..., 1]
 
 
 def rotate(x: torch.Tensor, rotation: torch.Tensor, pairing: str) -> torch.Tensor:
-    """Multiply x's channel pairs by the complex `rotation` (broadcast to (·, S, 1, hd/2)); see `apply_rope`."""
-    return _from_pairs(_as_pairs(x, pairing) * rotation, pairing, x)
+    """Turn x's channel pairs (a, b) by the angles whose cosines and sines are `rotation` (2, ·, S, 1, hd/2):
+    (a·cos − b·sin, a·sin + b·cos), in float32 or wider, back in x's dtype. Real arithmetic only, so that
+    the ONNX and ExecuTorch exporters, which lower no complex tensors, take it; see `apply_rope`."""
+    a, b = _pairs(x.to(torch.promote_types(x.dtype, torch.float32)), pairing)
+    cos, sin = rotation[0], rotation[1]
+    first, second = a * cos - b * sin, a * sin + b * cos
+    if pairing == "half":
+        return torch.cat([first, second], dim=-1).type_as(x)
+    return torch.stack([first, second], dim=-1).flatten(-2).type_as(x)
 
 
 class _Rotate(torch.autograd.Function):
-    """`rotate` with its backward written out: a rotation's adjoint is the conjugate rotation, so
-    dx = rotate(g, conj(rotation)); nothing but the (S, hd/2) rotation is saved."""
+    """`rotate` with its backward written out: a rotation's adjoint is the rotation by the opposite angles,
+    so dx = rotate(g, (cos, −sin)); nothing but the (2, S, hd/2) table is saved."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, rotation: torch.Tensor, pairing: str) -> torch.Tensor:
@@ -195,14 +195,13 @@ class _Rotate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (rotation,) = ctx.saved_tensors
-        # The incoming gradient may be strided (attention's backward transposes); pairs need unit stride,
-        # as autograd's own view_as_real backward makes them.
-        return rotate(grad.contiguous(), rotation.conj(), ctx.pairing), None, None
+        inverse = torch.stack([rotation[0], -rotation[1]])
+        return rotate(grad, inverse, ctx.pairing), None, None
 
 
 def rotate_pairs(x: torch.Tensor, rotation: torch.Tensor, pairing: str) -> torch.Tensor:
     """`rotate`, through `_Rotate` when x carries gradients and the rotation does not (a table, not a
-    parameter): then autograd's complex-product backward and its view nodes are replaced by one product."""
+    parameter): then the backward is one rotation instead of autograd's graph of products and slices."""
     if torch.is_grad_enabled() and x.requires_grad and not rotation.requires_grad:
         return _Rotate.apply(x, rotation, pairing)
     return rotate(x, rotation, pairing)

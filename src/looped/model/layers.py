@@ -95,21 +95,14 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor, pairing: str = "interleaved
     `pairing` "interleaved": adjacent channels (2i, 2i+1), as Parcae and Huginn lay out their complex rotary
     embedding; "half": channels (i, i + hd/2), the "rotate half" of GPT-NeoX, Llama, Qwen and Ouro. Both
     rotate pair i by the same angle; only which channels form the pair differs.
-    As they do, a complex product (a + ib)·(c + is) = (ac − bs) + i(as + bc): one pass forward and one
-    backward, where real arithmetic on the pairs takes seven strided passes. On CPU it is the real
-    arithmetic bit for bit wherever the product vectorises (hd/2 a multiple of 8: head_dim 16, 32, 64,
-    128, ...); elsewhere it may differ in the last bit.
-    A table of shape (2, B, S, hd/2) gives each sequence its own positions (the KV-cached path); a complex
-    table (S, hd/2) or (B, S, hd/2) is the rotation e^(iθ) itself.
+    The rotation is real arithmetic, (a, b) → (a·cos − b·sin, a·sin + b·cos): the same numbers as their complex
+    product up to the last bit, and no complex tensor anywhere, which the ONNX and ExecuTorch exporters need.
+    A table of shape (2, B, S, hd/2) gives each sequence its own positions (the KV-cached path).
     """
-    if table.is_complex():  # the rotation itself, made once per forward pass by the KV-cached path
-        rotation = table
-    else:
-        table = table.to(torch.promote_types(table.dtype, torch.float32))  # a bfloat16 model casts it too
-        rotation = torch.complex(table[0], table[1])
+    table = table.to(torch.promote_types(table.dtype, torch.float32))  # a bfloat16 model casts it too
     rotation = (
-        rotation[None, :, None, :] if rotation.ndim == 2 else rotation[:, :, None, :]
-    )  # (·, S, 1, hd/2)
+        table[:, None, :, None, :] if table.ndim == 3 else table[:, :, :, None, :]
+    )  # (2, ·, S, 1, hd/2)
     return rotate_pairs(x, rotation, pairing)  # (B, S, H, hd), backward by hand (model/kernels.py)
 
 

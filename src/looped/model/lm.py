@@ -193,13 +193,12 @@ class LoopedLM(nn.Module):
 
     def rotary(self, length: int, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The rotary table for positions 0..length-1, (2, S, hd/2) — or, with `positions` (B, P), each
-        sequence's own rotation e^(iθ) as a complex (B, P, hd/2), made once and shared by every layer."""
+        sequence's own (2, B, P, hd/2) cosines and sines, made once and shared by every layer."""
         if positions is None:
             return self.rope[:, :length] if self.cfg.layout == "sequence" else self._grid_rope(length)
         if self.cfg.layout != "sequence":
             raise ValueError("explicit positions need model.layout = 'sequence'")
-        table = self.rope[:, positions.to(self.rope.device)].float()  # (2, B, P, hd/2)
-        return torch.complex(table[0], table[1])
+        return self.rope[:, positions.to(self.rope.device)].float()  # (2, B, P, hd/2)
 
     def run_prelude(
         self, x: torch.Tensor, rope: torch.Tensor, ves: dict[int, torch.Tensor], kv: KVProvider | None = None
@@ -219,7 +218,7 @@ class LoopedLM(nn.Module):
         return LoopInputs(
             e=None,
             u=self.injection.select(inputs.u, rows),
-            rope=inputs.rope[rows] if rope_per_row else inputs.rope,
+            rope=inputs.rope[:, rows] if rope_per_row else inputs.rope,  # per sequence: (2, B, P, hd/2)
             ves={i: v[rows] for i, v in inputs.ves.items()},
         )
 
