@@ -42,3 +42,19 @@ def trained(tmp_path_factory):
         eval={"every": 0, "loops": [4]},
     )
     return train(cfg).final
+
+
+@pytest.fixture(scope="session")
+def exported(trained):
+    """`trained` exported by `looped export onnx` with int8 graphs and its validation loss measured: the
+    folder (about a minute, once per session). Skips, saying why, without the onnx extra."""
+    from helpers import require_optional
+
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        require_optional(module, "onnx")
+    from looped.interop.onnx_export import export_onnx
+
+    out = trained.parent / "edge"
+    if not (out / "manifest.json").is_file():
+        export_onnx(trained, out, quantize="int8", progress=False)
+    return out

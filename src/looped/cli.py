@@ -255,7 +255,11 @@ def _eval(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import json
 
-    from looped.infer.session import format_record, generate_records
+    if args.backend == "onnx":
+        _generate_onnx(args)
+        return
+    from looped.infer.records import format_record
+    from looped.infer.session import generate_records
 
     records = generate_records(
         args.checkpoint,
@@ -276,6 +280,51 @@ def _generate(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
         stop=args.stop,
+        seed=args.seed,
+    )
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return
+    show = args.show_loops or args.exit is not None or args.max_ms_per_token is not None
+    for r in records:
+        print(format_record(args.prompt, r, show))
+
+
+# What the ONNX backend does not do; each refused by name instead of silently ignored.
+_ONNX_REFUSED = {
+    "max_flops_per_token": "--max-flops-per-token",
+    "warm_start": "--warm-start",
+    "speculative": "--speculative",
+    "repetition_penalty": "--repetition-penalty",
+    "stop": "--stop",
+    "device": "--device",
+    "dtype": "--dtype",
+}
+
+
+def _generate_onnx(args: argparse.Namespace) -> None:
+    import json
+
+    from looped.edge.session import generate_records
+    from looped.infer.records import format_record
+
+    given = [flag for key, flag in _ONNX_REFUSED.items() if getattr(args, key, None) not in (None, False)]
+    if given:
+        raise ValueError(f"--backend onnx does not take {', '.join(given)} (the torch backend does)")
+    records = generate_records(
+        args.checkpoint,
+        args.prompt,
+        args.loops or [None],
+        variant=args.variant,
+        threads=args.threads,
+        exit=args.exit,
+        min_loops=args.min_loops or 1,
+        kv_cache=args.kv_cache,
+        budget_ms=args.max_ms_per_token,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
         seed=args.seed,
     )
     if args.json:
@@ -439,6 +488,20 @@ def _hash_key(args: argparse.Namespace) -> None:
             "no key given: pipe it in (looped serve --hash-key < key.txt) or type it at the prompt"
         )
     print(hash_key(key))
+
+
+def _export_onnx(args: argparse.Namespace) -> None:
+    from looped.interop.onnx_export import export_onnx, format_export
+
+    manifest = export_onnx(
+        args.checkpoint,
+        args.out,
+        kv_cache=args.kv_cache,
+        max_seq_len=args.max_seq_len,
+        quantize=args.quantize,
+        data=args.data,
+    )
+    print(format_export(args.out, manifest))
 
 
 def _export_hf(args: argparse.Namespace) -> None:
@@ -694,6 +757,15 @@ def _add_generate_chat_calibrate(sub: argparse._SubParsersAction) -> None:
         "at --loops (the same tokens as without it with the per-loop cache; sampling keeps the distribution); "
         "auto picks the pair from `looped calibrate`",
     )
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="torch: CHECKPOINT is a checkpoint; onnx: CHECKPOINT is a folder from `looped export onnx`, run "
+        "by looped.edge on ONNX Runtime without torch",
+    )
+    p.add_argument("--variant", choices=["float32", "int8"], default="float32", help="--backend onnx: graphs")
+    p.add_argument("--threads", type=_positive, default=None, help="--backend onnx: threads per graph")
     p.add_argument("--json", action="store_true", help="text, tokens, loops per token and timings as JSON")
     p.set_defaults(run=_generate)
 
@@ -823,6 +895,33 @@ def _add_sweep_serve_export(sub: argparse._SubParsersAction) -> None:
         dtype_help="dtype of the exported weights (default: float32)",
     )
     c.set_defaults(run=_export_hf)
+
+    c = exp.add_parser(
+        "onnx",
+        help="ONNX graphs (prelude, one loop step, coda; KV-cached too; the whole loop) whose loop count "
+        "stays a runtime input, with manifest.json and the tokenizer",
+    )
+    c.add_argument("checkpoint")
+    c.add_argument("out")
+    c.add_argument(
+        "--kv-cache",
+        choices=["shared", "per-loop"],
+        default=None,
+        help="default mode (the graphs serve both)",
+    )
+    c.add_argument(
+        "--max-seq-len", type=_positive, default=None, help="longest sequence (default: the model's)"
+    )
+    c.add_argument(
+        "--quantize", choices=["int8"], default=None, help="add int8 graphs (dynamic quantization)"
+    )
+    c.add_argument(
+        "--data",
+        default=None,
+        help="prepared data whose val split measures the loss of each variant "
+        "(default: the checkpoint's data.path, when it exists)",
+    )
+    c.set_defaults(run=_export_onnx)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "ConversionError",
     "DataError",
+    "EdgeError",
     "FitError",
     "TrainingError",
 ]
@@ -34,6 +35,10 @@ class ConversionError(ValueError):
     """A Parcae config or state dict that does not fit a looped model; the message names the key."""
 
 
+class EdgeError(ValueError):
+    """An exported edge model (`looped export onnx`) that cannot be loaded or run as asked."""
+
+
 class FitError(ValueError):
     """A results file that cannot be fitted as written: the message names file:line and the problem."""
 
@@ -49,6 +54,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     CheckpointError,
     DataError,
     ConversionError,
+    EdgeError,
     FitError,
     TrainingError,
     ValueError,

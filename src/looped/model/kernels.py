@@ -129,9 +129,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | N
 
     With autograd on CPU: F.rms_norm's numbers and a hand-written backward. Without autograd on CPU: the
     one-output form at prefill sizes (rounding-level differences). Elsewhere F.rms_norm itself (CUDA fuses
-    both directions).
+    both directions), and whenever torch.compile or torch.export traces (the ONNX and ExecuTorch exports).
     """
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():  # (a traced graph wants the plain op)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         return _RMSNorm.apply(x, weight, eps)

@@ -1,0 +1,275 @@
+"""The model as graphs with tensors in and out: prelude, one loop step and coda (uncached and KV-cached), and
+the whole loop as one graph with its count as an input — what the ONNX and ExecuTorch exports trace.
+
+Why three graphs and a loop in host code: the loop count, and when to stop a token early, stay choices of
+the program that runs the model, made per call on the device; the host loop costs about nothing next to a
+core step. Each graph calls the model's own pieces (`LoopedLM.run_prelude`, `loop_step`, `run_coda`), so
+there is still one forward pass.
+
+Graph inputs and outputs are named (`PartGraph.inputs`, `.outputs`):
+- `input_ids` (B, S) int64; `state` (B, S, D) the recurrent state; `inject_j` the injection's terms in the
+  prelude output, computed once and read by every loop (what they are depends on `model.injection`);
+  `ve_L` the value embeddings of layer L (core and coda layers; the prelude's stay inside);
+- `gate` (B, S) the exit gate's logit after the step (models with `model.exit_gate`);
+- KV-cached graphs also take `start` (0-d int64, the position of the first new token, the same for the
+  whole batch), and for each attention layer `past_key_<part>_<i>` / `past_value_<part>_<i>`
+  (B, start, kv_heads, head_dim), and return only this call's `key_<part>_<i>` / `value_<part>_<i>`
+  (B, S, kv_heads, head_dim): the caller appends them, so no graph copies a cache. Which past a core layer
+  reads at which loop (`per-loop`, `shared`) is the caller's choice, as in `looped.infer.cache`; the cached
+  coda returns the logits of the last position only, (B, V).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from looped.errors import ConfigError
+from looped.model.lm import LoopedLM, LoopInputs
+
+PARTS = ("prelude", "core_step", "coda")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What flows between the graphs of one model: the injection's terms and the value-embedding layers."""
+
+    inject: int  # how many injection terms (tensors) the prelude hands the loop
+    inject_spec: pytree.TreeSpec
+    core_ves: tuple[int, ...]  # value-embedding layers read by the core
+    coda_ves: tuple[int, ...]  # ... and by the coda
+
+    @property
+    def inject_names(self) -> list[str]:
+        return [f"inject_{j}" for j in range(self.inject)]
+
+
+def check_exportable(model: LoopedLM) -> None:
+    """Refuse what the graphs do not cover, saying why, before any tracing."""
+    cfg = model.cfg
+    if not cfg.looped:
+        raise ConfigError("export: the model has no core (model.core_layers = 0); nothing loops")
+    if cfg.layout != "sequence":
+        raise ConfigError(
+            f"export: model.layout = {cfg.layout!r}; only token sequences export (layout sequence)"
+        )
+    if cfg.attn_window is not None:
+        raise ConfigError("export: sliding-window attention (model.attn_window) is not exported yet")
+    if not cfg.causal:
+        raise ConfigError("export: a non-causal model is not a language model to decode; export needs causal")
+
+
+def layout_of(model: LoopedLM) -> Layout:
+    """Trace one tiny prelude eagerly to learn how many injection terms there are and how they nest."""
+    e = torch.zeros(1, 2, model.cfg.width)
+    leaves, spec = pytree.tree_flatten(model.injection.prepare(e))
+    p, c = model.cfg.prelude_layers, model.cfg.core_layers
+    layers = sorted(int(i) for i in model.value_embeds)
+    return Layout(
+        inject=len(leaves),
+        inject_spec=spec,
+        core_ves=tuple(i for i in layers if p <= i < p + c),
+        coda_ves=tuple(i for i in layers if i >= p + c),
+    )
+
+
+def kv_names(model: LoopedLM, part: str) -> list[tuple[str, str]]:
+    """(key, value) name stems of the attention layers a graph holds, e.g. ("key_core_0", "value_core_0")."""
+    cfg = model.cfg
+    n = {"prelude": cfg.prelude_layers, "core_step": cfg.core_layers, "coda": cfg.coda_layers}[part]
+    kind = "core" if part == "core_step" else part
+    return [(f"key_{kind}_{i}", f"value_{kind}_{i}") for i in range(n)]
+
+
+class _GraphKV:
+    """A `looped.model.kv.KVProvider` over past keys and values that are graph inputs; it keeps this call's new
+    keys and values to return as outputs. Every loop of a step reads the same past (the caller picks it)."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.past = past
+        self.new: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(past)
+
+    def layer(self, part: str, layer: int, loop: int = 0) -> _GraphLayerKV:
+        return _GraphLayerKV(self, layer)
+
+    def subset(self, index: torch.Tensor) -> _GraphKV:
+        raise NotImplementedError("an exported graph runs every row of its batch")
+
+    def outputs(self) -> list[torch.Tensor]:
+        return [t for pair in self.new for t in pair]
+
+
+class _GraphLayerKV:
+    def __init__(self, owner: _GraphKV, index: int) -> None:
+        self.owner, self.index = owner, index
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """k, v (B, S, kv_heads, hd) → keys, values (B, kv_heads, past + S, hd) and the causal mask over them."""
+        past_k, past_v = self.owner.past[self.index]
+        self.owner.new[self.index] = (k, v)
+        keys = torch.cat([past_k.to(k.dtype), k], dim=1).transpose(1, 2)
+        values = torch.cat([past_v.to(v.dtype), v], dim=1).transpose(1, 2)
+        L, S = past_k.shape[1], k.shape[1]
+        query_pos = torch.arange(S, device=k.device) + L
+        key_pos = torch.arange(L + S, device=k.device)
+        mask = (key_pos[None, :] <= query_pos[:, None])[None, None]  # (1, 1, S, L + S)
+        return keys, values, mask, False
+
+
+class PartGraph(nn.Module):
+    """One exportable graph of a model; `inputs` and `outputs` name its tensors in order."""
+
+    part = ""
+
+    def __init__(self, model: LoopedLM, cached: bool = False) -> None:
+        super().__init__()
+        check_exportable(model)
+        self.model, self.cached = model, cached
+        self.layout = layout_of(model)
+        self.kv = kv_names(model, self.part) if cached else []
+
+    def _kv_inputs(self) -> list[str]:
+        return [f"past_{name}" for pair in self.kv for name in pair]
+
+    def _kv_outputs(self) -> list[str]:
+        return [name for pair in self.kv for name in pair]
+
+    def _named(self, tensors: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        if len(tensors) != len(self.inputs):
+            raise ValueError(
+                f"{self.part} takes {len(self.inputs)} tensors ({', '.join(self.inputs)}), got {len(tensors)}"
+            )
+        return dict(zip(self.inputs, tensors, strict=True))
+
+    def _kv(self, x: dict[str, torch.Tensor]) -> _GraphKV | None:
+        if not self.cached:
+            return None
+        return _GraphKV([(x[f"past_{k}"], x[f"past_{v}"]) for k, v in self.kv])
+
+    def _rope(self, length: int, start: torch.Tensor | None, batch: int) -> torch.Tensor:
+        if start is None:
+            return self.model.rotary(length)
+        positions = (torch.arange(length, device=start.device) + start)[None].expand(batch, length)
+        return self.model.rotary(length, positions)
+
+
+class PreludeGraph(PartGraph):
+    """input_ids [, start, past K/V] → state (the initial state), inject_*, ve_* [, new K/V]."""
+
+    part = "prelude"
+
+    @property
+    def inputs(self) -> list[str]:
+        return ["input_ids"] + (["start", *self._kv_inputs()] if self.cached else [])
+
+    @property
+    def outputs(self) -> list[str]:
+        ves = [f"ve_{i}" for i in self.layout.core_ves + self.layout.coda_ves]
+        return ["state", *self.layout.inject_names, *ves, *self._kv_outputs()]
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model, x = self.model, self._named(tensors)
+        input_ids, start = x["input_ids"], x.get("start")
+        B, S = input_ids.shape
+        emb, ves = model.embed_inputs(input_ids)
+        rope = self._rope(S, start, B)
+        kv = self._kv(x)
+        inputs = model.loop_inputs(model.run_prelude(emb, rope, ves, kv), rope, ves)
+        positions = None
+        if start is not None:
+            positions = (torch.arange(S, device=input_ids.device) + start)[None].expand(B, S)
+        h = model.initial_state(inputs.e, positions)
+        leaves = pytree.tree_leaves(inputs.u)
+        later = [ves[i] for i in self.layout.core_ves + self.layout.coda_ves]
+        return (h, *leaves, *later, *(kv.outputs() if kv is not None else []))
+
+
+class CoreStepGraph(PartGraph):
+    """state, inject_*, ve_* (core) [, start, past K/V of the core layers] → next_state [, gate] [, new K/V]:
+    one loop (ONNX wants output names distinct from input names)."""
+
+    part = "core_step"
+
+    @property
+    def inputs(self) -> list[str]:
+        ves = [f"ve_{i}" for i in self.layout.core_ves]
+        cached = ["start", *self._kv_inputs()] if self.cached else []
+        return ["state", *self.layout.inject_names, *ves, *cached]
+
+    @property
+    def outputs(self) -> list[str]:
+        gate = ["gate"] if self.model.exit_gate is not None else []
+        return ["next_state", *gate, *self._kv_outputs()]
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model, layout, x = self.model, self.layout, self._named(tensors)
+        h, start, kv = x["state"], x.get("start"), self._kv(x)
+        u = pytree.tree_unflatten([x[name] for name in layout.inject_names], layout.inject_spec)
+        ves = {i: x[f"ve_{i}"] for i in layout.core_ves}
+        rope = self._rope(h.shape[1], start, h.shape[0])
+        h = model.loop_step(h, LoopInputs(e=None, u=u, rope=rope, ves=ves), kv)
+        gate = [model.exit_logit(h)] if model.exit_gate is not None else []
+        return (h, *gate, *(kv.outputs() if kv is not None else []))
+
+
+class CodaGraph(PartGraph):
+    """state, ve_* (coda) [, start, past K/V of the coda layers] → logits (B, S, V) uncached, or the last
+    position's (B, V) cached [, new K/V]."""
+
+    part = "coda"
+
+    @property
+    def inputs(self) -> list[str]:
+        ves = [f"ve_{i}" for i in self.layout.coda_ves]
+        return ["state", *ves, *(["start", *self._kv_inputs()] if self.cached else [])]
+
+    @property
+    def outputs(self) -> list[str]:
+        return ["logits", *self._kv_outputs()]
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model, x = self.model, self._named(tensors)
+        h, start, kv = x["state"], x.get("start"), self._kv(x)
+        ves = {i: x[f"ve_{i}"] for i in self.layout.coda_ves}
+        out = model.run_coda(h, self._rope(h.shape[1], start, h.shape[0]), ves, kv)
+        if kv is None:
+            return (model.logits(out),)
+        return (model.logits(out[:, -1]), *kv.outputs())
+
+
+class LoopGraph(nn.Module):
+    """input_ids (B, S), loops (0-d int64) → logits (B, S, V): the whole model as one graph, its loop a
+    `while_loop` (one ONNX `Loop` node) whose count is an input. Uncached; no exit."""
+
+    inputs = ["input_ids", "loops"]
+    outputs = ["logits"]
+
+    def __init__(self, model: LoopedLM) -> None:
+        super().__init__()
+        self.prelude = PreludeGraph(model)
+        self.core_step = CoreStepGraph(model)
+        self.coda = CodaGraph(model)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        from torch._higher_order_ops.while_loop import while_loop
+
+        input_ids, loops = tensors
+
+        layout = self.prelude.layout
+        h, *rest = self.prelude(input_ids)
+        n = layout.inject + len(layout.core_ves)
+        step_inputs, coda_ves = tuple(rest[:n]), tuple(rest[n:])
+
+        def cond(i: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+            return i < loops
+
+        def body(i: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return i + 1, self.core_step(state, *step_inputs)[0]
+
+        _, h = while_loop(cond, body, (torch.zeros_like(loops), h))
+        return self.coda(h, *coda_ves)[0]
