@@ -58,3 +58,18 @@ def exported(trained):
     if not (out / "manifest.json").is_file():
         export_onnx(trained, out, quantize="int8", progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def executorch_exported(trained):
+    """`trained` exported by `looped export executorch` (portable and XNNPACK programs): the folder (a minute
+    or two, once per session). Skips, saying why, without executorch."""
+    from helpers import require_optional
+
+    require_optional("executorch", "executorch")
+    from looped.interop.executorch_export import export_executorch
+
+    out = trained.parent / "executorch"
+    if not (out / "manifest.json").is_file():
+        export_executorch(trained, out, progress=False)
+    return out

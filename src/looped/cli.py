@@ -504,6 +504,16 @@ def _export_onnx(args: argparse.Namespace) -> None:
     print(format_export(args.out, manifest))
 
 
+def _export_executorch(args: argparse.Namespace) -> None:
+    from looped.interop.executorch_export import export_executorch, format_export
+
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    manifest = export_executorch(
+        args.checkpoint, args.out, kv_cache=args.kv_cache, max_seq_len=args.max_seq_len, variants=variants
+    )
+    print(format_export(args.out, manifest))
+
+
 def _export_hf(args: argparse.Namespace) -> None:
     from looped.interop.hf import export_hf
 
@@ -922,6 +932,29 @@ def _add_sweep_serve_export(sub: argparse._SubParsersAction) -> None:
         "(default: the checkpoint's data.path, when it exists)",
     )
     c.set_defaults(run=_export_onnx)
+
+    c = exp.add_parser(
+        "executorch",
+        help="an ExecuTorch program (.pte; portable and XNNPACK) whose methods are prelude, one loop step and "
+        "coda with a KV cache, so the app on the device picks the loops",
+    )
+    c.add_argument("checkpoint")
+    c.add_argument("out")
+    c.add_argument(
+        "--kv-cache",
+        choices=["shared", "per-loop"],
+        default=None,
+        help="default mode (the methods serve both)",
+    )
+    c.add_argument(
+        "--max-seq-len", type=_positive, default=None, help="longest sequence (default: the model's)"
+    )
+    c.add_argument(
+        "--variants",
+        default="portable,xnnpack",
+        help="programs to write: portable (any batch), xnnpack (batch 1); default both",
+    )
+    c.set_defaults(run=_export_executorch)
 
 
 def build_parser() -> argparse.ArgumentParser:

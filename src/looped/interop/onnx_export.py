@@ -18,31 +18,28 @@ cached length) left dynamic, then checked against the PyTorch model on random to
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import shutil
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from looped.checkpoint import TOKENIZER, atomic_dir, check_tokenizer, load, load_config_dir
-from looped.errors import CheckpointError, ConfigError
+from looped.checkpoint import TOKENIZER, atomic_dir
+from looped.errors import ConfigError
 from looped.interop.parts import (
     CodaGraph,
     CoreStepGraph,
+    ExportSource,
     LoopGraph,
-    PartGraph,
     PreludeGraph,
-    check_exportable,
+    dynamic_shapes,
+    example_inputs,
+    host_manifest,
+    quiet,
 )
-from looped.model import accounting
 from looped.model.lm import LoopedLM
 
 FORMAT = "looped-onnx"
@@ -69,72 +66,16 @@ def _require_onnx() -> Any:
     return onnxruntime
 
 
-def _dynamic_shapes(graph: torch.nn.Module, example: tuple[torch.Tensor, ...], max_seq_len: int) -> list:
-    """Which axes of each input stay free: batch and sequence of every (B, S, ...) tensor, the cached length
-    of every past key/value; a 0-d input (start, loops) and a per-channel term (the decay) are fixed."""
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    seq = torch.export.Dim("seq", min=1, max=max_seq_len)
-    past = torch.export.Dim("past", min=0, max=max_seq_len - 1)
-    shapes = []
-    for name, x in zip(graph.inputs, example, strict=True):
-        if name.startswith("past_"):
-            shapes.append({0: batch, 1: past})
-        elif x.ndim >= 2:
-            shapes.append({0: batch, 1: seq})
-        else:
-            shapes.append(None)
-    return {"tensors": tuple(shapes)}
-
-
-def _examples(model: LoopedLM, cached: bool) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Example inputs of every graph, made by running the model's own pieces on random tokens: batch 2,
-    3 new tokens after 5 cached (sizes that export does not specialise on)."""
-    cfg = model.cfg
-    B, S, past = 2, 3, 5
-    ids = torch.randint(0, cfg.vocab_size, (B, S))
-    prelude = PreludeGraph(model, cached)
-    kv_shape = (B, past, cfg.resolved_n_kv_heads, cfg.resolved_head_dim)
-
-    def pasts(graph: PartGraph) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.randn(kv_shape) for _ in range(2 * len(graph.kv)))
-
-    start = (torch.tensor(past),) if cached else ()
-    with torch.no_grad():
-        out = prelude(ids, *start, *pasts(prelude))
-    layout = prelude.layout
-    n = layout.inject + len(layout.core_ves)
-    h, step_inputs = out[0], out[1 : 1 + n]
-    coda_ves = out[1 + n : 1 + n + len(layout.coda_ves)]
-    core, coda = CoreStepGraph(model, cached), CodaGraph(model, cached)
-    return {
-        "prelude": (ids, *start, *pasts(prelude)),
-        "core_step": (h, *step_inputs, *start, *pasts(core)),
-        "coda": (h, *coda_ves, *start, *pasts(coda)),
-    }
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporter's and the quantizer's chatter (warnings, log lines, prints); errors still raise."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)
-        try:
-            yield
-        finally:
-            logging.disable(logging.NOTSET)
-
-
 def _export_graph(graph: torch.nn.Module, example: tuple, path: Path, max_seq_len: int) -> None:
     graph.eval()
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet():
         program = torch.onnx.export(
             graph,
             example,
             dynamo=True,
             input_names=list(graph.inputs),
             output_names=list(graph.outputs),
-            dynamic_shapes=_dynamic_shapes(graph, example, max_seq_len),
+            dynamic_shapes=dynamic_shapes(graph, example, max_seq_len),
             opset_version=OPSET,
             optimize=True,
             verbose=False,
@@ -189,26 +130,11 @@ def export_onnx(
     """
     ort = _require_onnx()
     checkpoint, out = Path(checkpoint), Path(out)
-    cfg = load_config_dir(checkpoint)
-    model = load(checkpoint).eval()
-    check_exportable(model)
-    if not (checkpoint / TOKENIZER).is_file():
-        raise CheckpointError(f"{checkpoint}: no {TOKENIZER}; an edge export carries the tokenizer")
-    from looped.data.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.load(checkpoint)
-    check_tokenizer(checkpoint, tokenizer, cfg.model.vocab_size)
-    kv_cache = kv_cache or cfg.infer.kv_cache
-    if kv_cache not in ("shared", "per-loop"):
-        raise ConfigError(f"--kv-cache must be shared or per-loop, got {kv_cache!r}")
-    max_seq_len = max_seq_len or cfg.model.max_seq_len
-    if not 8 <= max_seq_len <= cfg.model.max_seq_len:
-        raise ConfigError(f"--max-seq-len must lie in [8, model.max_seq_len = {cfg.model.max_seq_len}]")
+    source = ExportSource.open(checkpoint, kv_cache, max_seq_len)
+    cfg, model, tokenizer = source.cfg, source.model, source.tokenizer
+    kv_cache, max_seq_len = source.kv_cache, source.max_seq_len
     if quantize not in (None, "int8"):
         raise ConfigError(f"--quantize takes int8, got {quantize!r}")
-    # The eval-mode initial state is a table by position, drawn once; make it before tracing so that the
-    # graphs hold it as a constant.
-    model.initial_state(torch.zeros(1, 1, cfg.model.width))
     torch.manual_seed(0)
     with atomic_dir(out) as tmp:
         files = _write_graphs(model, tmp, max_seq_len, progress)
@@ -227,7 +153,7 @@ def export_onnx(
 def _write_graphs(model: LoopedLM, out: Path, max_seq_len: int, progress: bool) -> dict[str, str]:
     files = {}
     for cached in (False, True):
-        examples = _examples(model, cached)
+        examples = example_inputs(model, cached)
         for cls in (PreludeGraph, CoreStepGraph, CodaGraph):
             graph = cls(model, cached)
             name = graph.part + ("_cached" if cached else "")
@@ -256,7 +182,7 @@ def _quantize(out: Path, files: dict[str, str], progress: bool) -> dict[str, str
         if name == "loop":
             continue
         target = f"{name}.int8.onnx"
-        with _quiet():
+        with quiet():
             quantize_dynamic(str(out / file), str(out / target), weight_type=QuantType.QInt8)
         made[f"{name}.int8"] = target
         if progress:
@@ -282,23 +208,6 @@ def check_parity(model: LoopedLM, out: Path, files: dict[str, str], ort: Any) ->
                 "loop": float(np.abs(whole - ref).max()),
             }
     return result
-
-
-def _flops_coefficients(m) -> dict:
-    """flops_per_token(T, s) = once[0] + once[1]·s + T·(per_loop[0] + per_loop[1]·s): the accounting's
-    figure (linear in the context length s and in T) as four numbers the device can use without torch."""
-
-    def line(value_at) -> list[float]:  # [v(0), slope] of a function linear in s, from s = 1 and 2
-        slope = value_at(2) - value_at(1)
-        return [value_at(1) - slope, slope]
-
-    def per_loop(s: int) -> float:
-        return accounting.flops_per_token(m, 2, s) - accounting.flops_per_token(m, 1, s)
-
-    return {
-        "once": line(lambda s: accounting.flops_per_token(m, 1, s) - per_loop(s)),
-        "per_loop": line(per_loop),
-    }
 
 
 def _val_windows(data: str | Path | None, cfg, max_seq_len: int, tokenizer) -> np.ndarray | None:
@@ -357,38 +266,14 @@ def format_export(out: str | Path, manifest: dict) -> str:
 def _manifest(
     cfg, out: Path, files: dict[str, str], kv_cache: str, max_seq_len: int, tokenizer, parity
 ) -> dict:
-    m = cfg.model
+    graphs = {
+        name: {"file": file, "bytes": (out / file).stat().st_size, **_describe(out / file)}
+        for name, file in files.items()
+    }
+    head = {"format": FORMAT, "version": FORMAT_VERSION, "opset": OPSET}
     return {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "opset": OPSET,
-        "dtype": "float32",
-        "model": cfg.to_dict()["model"],
-        "vocab_size": m.vocab_size,
-        "width": m.width,
-        "kv_heads": m.resolved_n_kv_heads,
-        "head_dim": m.resolved_head_dim,
-        "layers": {"prelude": m.prelude_layers, "core": m.core_layers, "coda": m.coda_layers},
-        "max_seq_len": max_seq_len,
-        "loops": {
-            "default": m.loops,
-            "mean_loops": cfg.loops.mean_loops,
-            "max": cfg.infer.max_request_loops,
-        },
-        "exit": {"default": cfg.infer.exit, "min_loops": cfg.infer.min_loops, "gate": m.exit_gate},
-        "kv_cache": kv_cache,
-        "sampling": {
-            "temperature": cfg.infer.temperature,
-            "top_k": cfg.infer.top_k,
-            "top_p": cfg.infer.top_p,
-            "max_new_tokens": cfg.infer.max_new_tokens,
-        },
-        "flops": _flops_coefficients(m),
-        "tokenizer": TOKENIZER,
-        "eot_id": tokenizer.eot_id,
-        "graphs": {
-            name: {"file": file, "bytes": (out / file).stat().st_size, **_describe(out / file)}
-            for name, file in files.items()
-        },
+        **head,
+        **host_manifest(cfg, kv_cache, max_seq_len, tokenizer),
+        "graphs": graphs,
         "parity": parity,
     }

@@ -21,13 +21,24 @@ Graph inputs and outputs are named (`PartGraph.inputs`, `.outputs`):
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from looped.errors import ConfigError
+from looped.checkpoint import TOKENIZER, check_tokenizer, load, load_config_dir
+from looped.config import Config
+from looped.data.tokenizer import Tokenizer
+from looped.errors import CheckpointError, ConfigError
+from looped.model import accounting
 from looped.model.lm import LoopedLM, LoopInputs
 
 PARTS = ("prelude", "core_step", "coda")
@@ -45,6 +56,50 @@ class Layout:
     @property
     def inject_names(self) -> list[str]:
         return [f"inject_{j}" for j in range(self.inject)]
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the exporter's and the quantizer's chatter (warnings, log lines, prints); errors still raise."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+@dataclass
+class ExportSource:
+    """A checkpoint opened for export: its config, the model in eval mode, its tokenizer, and the export's
+    KV-cache mode and longest sequence, checked."""
+
+    cfg: Config
+    model: LoopedLM
+    tokenizer: Any
+    kv_cache: str
+    max_seq_len: int
+
+    @classmethod
+    def open(cls, checkpoint: Path, kv_cache: str | None, max_seq_len: int | None) -> ExportSource:
+        cfg = load_config_dir(checkpoint)
+        model = load(checkpoint).eval()
+        check_exportable(model)
+        if not (checkpoint / TOKENIZER).is_file():
+            raise CheckpointError(f"{checkpoint}: no {TOKENIZER}; an edge export carries the tokenizer")
+        tokenizer = Tokenizer.load(checkpoint)
+        check_tokenizer(checkpoint, tokenizer, cfg.model.vocab_size)
+        kv_cache = kv_cache or cfg.infer.kv_cache
+        if kv_cache not in ("shared", "per-loop"):
+            raise ConfigError(f"--kv-cache must be shared or per-loop, got {kv_cache!r}")
+        max_seq_len = max_seq_len or cfg.model.max_seq_len
+        if not 8 <= max_seq_len <= cfg.model.max_seq_len:
+            raise ConfigError(f"--max-seq-len must lie in [8, model.max_seq_len = {cfg.model.max_seq_len}]")
+        # The eval-mode initial state is a table by position, drawn once; made before tracing, the graphs
+        # hold it as a constant.
+        model.initial_state(torch.zeros(1, 1, cfg.model.width))
+        return cls(cfg, model, tokenizer, kv_cache, max_seq_len)
 
 
 def check_exportable(model: LoopedLM) -> None:
@@ -273,3 +328,95 @@ class LoopGraph(nn.Module):
 
         _, h = while_loop(cond, body, (torch.zeros_like(loops), h))
         return self.coda(h, *coda_ves)[0]
+
+
+def dynamic_shapes(
+    graph: torch.nn.Module, example: tuple[torch.Tensor, ...], max_seq_len: int, batch: bool = True
+) -> dict:
+    """Which axes of each input stay free: batch and sequence of every (B, S, ...) tensor, the cached length
+    of every past key/value; a 0-d input (start, loops) and a per-channel term (the decay) are fixed.
+    `batch` False fixes the batch axis at the example's (XNNPACK takes batch 1 only)."""
+    batch_dim = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=1, max=max_seq_len)
+    past = torch.export.Dim("past", min=0, max=max_seq_len - 1)
+    shapes = []
+    for name, x in zip(graph.inputs, example, strict=True):
+        if name.startswith("past_"):
+            shapes.append({0: batch_dim, 1: past} if batch else {1: past})
+        elif x.ndim >= 2:
+            shapes.append({0: batch_dim, 1: seq} if batch else {1: seq})
+        else:
+            shapes.append(None)
+    return {"tensors": tuple(shapes)}
+
+
+def example_inputs(model: LoopedLM, cached: bool, batch: int = 2) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Example inputs of every graph, made by running the model's own pieces on random tokens: `batch` rows,
+    by default 3 new tokens after 5 cached (sizes that export does not specialise on)."""
+    cfg = model.cfg
+    B, S, past = batch, 3, 5
+    ids = torch.randint(0, cfg.vocab_size, (B, S))
+    prelude = PreludeGraph(model, cached)
+    kv_shape = (B, past, cfg.resolved_n_kv_heads, cfg.resolved_head_dim)
+
+    def pasts(graph: PartGraph) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.randn(kv_shape) for _ in range(2 * len(graph.kv)))
+
+    start = (torch.tensor(past),) if cached else ()
+    with torch.no_grad():
+        out = prelude(ids, *start, *pasts(prelude))
+    layout = prelude.layout
+    n = layout.inject + len(layout.core_ves)
+    h, step_inputs = out[0], out[1 : 1 + n]
+    coda_ves = out[1 + n : 1 + n + len(layout.coda_ves)]
+    core, coda = CoreStepGraph(model, cached), CodaGraph(model, cached)
+    return {
+        "prelude": (ids, *start, *pasts(prelude)),
+        "core_step": (h, *step_inputs, *start, *pasts(core)),
+        "coda": (h, *coda_ves, *start, *pasts(coda)),
+    }
+
+
+def _flops_coefficients(m) -> dict:
+    """flops_per_token(T, s) = once[0] + once[1]·s + T·(per_loop[0] + per_loop[1]·s): the accounting's
+    figure (linear in the context length s and in T) as four numbers the device can use without torch."""
+
+    def line(value_at) -> list[float]:  # [v(0), slope] of a function linear in s, from s = 1 and 2
+        slope = value_at(2) - value_at(1)
+        return [value_at(1) - slope, slope]
+
+    def per_loop(s: int) -> float:
+        return accounting.flops_per_token(m, 2, s) - accounting.flops_per_token(m, 1, s)
+
+    return {
+        "once": line(lambda s: accounting.flops_per_token(m, 1, s) - per_loop(s)),
+        "per_loop": line(per_loop),
+    }
+
+
+def host_manifest(cfg: Config, kv_cache: str, max_seq_len: int, tokenizer: Any) -> dict:
+    """What a host program needs to run the graphs of `cfg` (an export's manifest.json, less its files):
+    sizes of the caches, loop counts, exit and sampling defaults, FLOPs per token, the tokenizer."""
+    m = cfg.model
+    return {
+        "dtype": "float32",
+        "model": cfg.to_dict()["model"],
+        "vocab_size": m.vocab_size,
+        "width": m.width,
+        "kv_heads": m.resolved_n_kv_heads,
+        "head_dim": m.resolved_head_dim,
+        "layers": {"prelude": m.prelude_layers, "core": m.core_layers, "coda": m.coda_layers},
+        "max_seq_len": max_seq_len,
+        "loops": {"default": m.loops, "mean_loops": cfg.loops.mean_loops, "max": cfg.infer.max_request_loops},
+        "exit": {"default": cfg.infer.exit, "min_loops": cfg.infer.min_loops, "gate": m.exit_gate},
+        "kv_cache": kv_cache,
+        "sampling": {
+            "temperature": cfg.infer.temperature,
+            "top_k": cfg.infer.top_k,
+            "top_p": cfg.infer.top_p,
+            "max_new_tokens": cfg.infer.max_new_tokens,
+        },
+        "flops": _flops_coefficients(m),
+        "tokenizer": "tokenizer.json",
+        "eot_id": tokenizer.eot_id,
+    }
