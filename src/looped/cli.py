@@ -255,13 +255,21 @@ def _eval(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import json
 
-    if args.backend == "onnx":
-        _generate_onnx(args)
-        return
     from looped.infer.records import format_record
+
+    records = _onnx_records(args) if args.backend == "onnx" else _torch_records(args)
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return
+    show = args.show_loops or args.exit is not None or args.max_ms_per_token is not None
+    for r in records:
+        print(format_record(args.prompt, r, show))
+
+
+def _torch_records(args: argparse.Namespace) -> list[dict]:
     from looped.infer.session import generate_records
 
-    records = generate_records(
+    return generate_records(
         args.checkpoint,
         args.prompt,
         args.loops or [None],
@@ -282,12 +290,6 @@ def _generate(args: argparse.Namespace) -> None:
         stop=args.stop,
         seed=args.seed,
     )
-    if args.json:
-        print(json.dumps(records, indent=2))
-        return
-    show = args.show_loops or args.exit is not None or args.max_ms_per_token is not None
-    for r in records:
-        print(format_record(args.prompt, r, show))
 
 
 # What the ONNX backend does not do; each refused by name instead of silently ignored.
@@ -302,16 +304,13 @@ _ONNX_REFUSED = {
 }
 
 
-def _generate_onnx(args: argparse.Namespace) -> None:
-    import json
-
+def _onnx_records(args: argparse.Namespace) -> list[dict]:
     from looped.edge.session import generate_records
-    from looped.infer.records import format_record
 
     given = [flag for key, flag in _ONNX_REFUSED.items() if getattr(args, key, None) not in (None, False)]
     if given:
         raise ValueError(f"--backend onnx does not take {', '.join(given)} (the torch backend does)")
-    records = generate_records(
+    return generate_records(
         args.checkpoint,
         args.prompt,
         args.loops or [None],
@@ -327,12 +326,6 @@ def _generate_onnx(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         seed=args.seed,
     )
-    if args.json:
-        print(json.dumps(records, indent=2))
-        return
-    show = args.show_loops or args.exit is not None or args.max_ms_per_token is not None
-    for r in records:
-        print(format_record(args.prompt, r, show))
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -865,6 +858,23 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(run=_study_transfer)
 
 
+def _edge_export_parser(exp: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    """The arguments both edge exports take: checkpoint, out, the default cache mode, the longest sequence."""
+    c = exp.add_parser(name, help=help)
+    c.add_argument("checkpoint")
+    c.add_argument("out")
+    c.add_argument(
+        "--kv-cache",
+        choices=["shared", "per-loop"],
+        default=None,
+        help="the default mode the manifest names (the graphs serve both)",
+    )
+    c.add_argument(
+        "--max-seq-len", type=_positive, default=None, help="longest sequence (default: the model's)"
+    )
+    return c
+
+
 def _add_sweep_serve_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="train a grid of runs (resumable) into results.jsonl for `looped fit`")
     p.add_argument("grid", help="GRID.toml: [sweep] settings and a [grid] of 'section.key' = [values]")
@@ -906,21 +916,11 @@ def _add_sweep_serve_export(sub: argparse._SubParsersAction) -> None:
     )
     c.set_defaults(run=_export_hf)
 
-    c = exp.add_parser(
+    c = _edge_export_parser(
+        exp,
         "onnx",
-        help="ONNX graphs (prelude, one loop step, coda; KV-cached too; the whole loop) whose loop count "
-        "stays a runtime input, with manifest.json and the tokenizer",
-    )
-    c.add_argument("checkpoint")
-    c.add_argument("out")
-    c.add_argument(
-        "--kv-cache",
-        choices=["shared", "per-loop"],
-        default=None,
-        help="default mode (the graphs serve both)",
-    )
-    c.add_argument(
-        "--max-seq-len", type=_positive, default=None, help="longest sequence (default: the model's)"
+        "ONNX graphs (prelude, one loop step, coda; KV-cached too; the whole loop) whose loop count stays a "
+        "runtime input, with manifest.json and the tokenizer",
     )
     c.add_argument(
         "--quantize", choices=["int8"], default=None, help="add int8 graphs (dynamic quantization)"
@@ -933,21 +933,11 @@ def _add_sweep_serve_export(sub: argparse._SubParsersAction) -> None:
     )
     c.set_defaults(run=_export_onnx)
 
-    c = exp.add_parser(
+    c = _edge_export_parser(
+        exp,
         "executorch",
-        help="an ExecuTorch program (.pte; portable and XNNPACK) whose methods are prelude, one loop step and "
-        "coda with a KV cache, so the app on the device picks the loops",
-    )
-    c.add_argument("checkpoint")
-    c.add_argument("out")
-    c.add_argument(
-        "--kv-cache",
-        choices=["shared", "per-loop"],
-        default=None,
-        help="default mode (the methods serve both)",
-    )
-    c.add_argument(
-        "--max-seq-len", type=_positive, default=None, help="longest sequence (default: the model's)"
+        "an ExecuTorch program (.pte; portable and XNNPACK) whose methods are prelude, one loop step and coda "
+        "with a KV cache, so the app on the device picks the loops",
     )
     c.add_argument(
         "--variants",
