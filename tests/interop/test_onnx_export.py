@@ -13,6 +13,7 @@ from helpers import ids
 
 from looped import load
 from looped.cli import main
+from looped.errors import EdgeError
 from looped.infer.cache import KVCache
 from looped.infer.forward import forward_cached
 
@@ -86,3 +87,43 @@ def test_export_refuses_what_it_cannot_write(tmp_path, capsys, trained):
     assert "not a looped checkpoint" in capsys.readouterr().err
     assert main(["export", "onnx", str(trained), str(tmp_path / "out"), "--max-seq-len", "4"]) == 2
     assert "--max-seq-len" in capsys.readouterr().err
+
+
+def test_converted_ouro_matches_the_original_on_onnx_runtime(tmp_path):
+    """Ouro (no prelude or coda, the norm every loop, an exit gate), converted from the fixture its own code
+    made and exported without a tokenizer: its logits at every stored loop count and its greedy tokens are
+    the original's, and the gate exits as the Engine's does."""
+    from helpers import fixture_dir
+    from safetensors.torch import load_file
+
+    from looped.edge import EdgeModel
+    from looped.interop.convert import convert
+    from looped.interop.onnx_export import export_onnx
+
+    src = fixture_dir("ouro-tiny")
+    _, native = convert(src, tmp_path / "native")
+    export_onnx(native, tmp_path / "edge", progress=False)
+    ref = load_file(str(src / "reference.safetensors"))
+    edge = EdgeModel(tmp_path / "edge", threads=1)
+    stored = sorted(int(k.removeprefix("logits_T")) for k in ref if k.startswith("logits_T"))
+    for t in stored:
+        np.testing.assert_allclose(
+            edge.logits(ref["input_ids"].numpy(), t), ref[f"logits_T{t}"].numpy(), rtol=0, atol=1e-4
+        )
+    for row in range(ref["greedy_T4"].shape[0]):
+        prompt = ref["input_ids"][row, :8].tolist()
+        got = [
+            p.token
+            for p in edge.generate(prompt, loops=4, max_new_tokens=16, temperature=0, kv_cache="per-loop")
+        ]
+        assert got == ref["greedy_T4"][row].tolist()
+    from looped import Engine
+
+    engine = Engine(load(native), kv_cache="shared")
+    prompt = ref["input_ids"][0, :8].tolist()
+    want = engine.generate(prompt, loops=8, exit="gate:0.5", max_new_tokens=12, temperature=0)
+    pieces = list(edge.generate(prompt, loops=8, exit="gate:0.5", max_new_tokens=12, temperature=0))
+    assert [p.token for p in pieces] == want.token_ids and [p.loops for p in pieces][1:] == want.loops[1:]
+    assert min(want.loops[1:]) < 8, "the gate never fired: the test would not see a wrong exit"
+    with pytest.raises(EdgeError, match="no tokenizer"):
+        list(edge.generate("text", loops=2))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,6 +42,15 @@ class Graphs(Protocol):
     max_seq_len: int
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def export_tokenizer(path: Path, manifest: dict) -> Any:
+    """The export's tokenizer, or None when it was written without one (then prompts are token ids)."""
+    if not manifest.get("tokenizer"):
+        return None
+    from looped.data.tokenizer import Tokenizer
+
+    return Tokenizer.load(path)
 
 
 class Cache:
@@ -246,6 +256,8 @@ class Generation:
     # ------------------------------------------------------------------ the stream
     def stream(self, prompt: str | list[int]) -> Iterator[Piece]:
         tok = self.model.tokenizer
+        if isinstance(prompt, str) and tok is None:
+            raise EdgeError("this export has no tokenizer: give the prompt as token ids")
         ids = tok.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             raise EdgeError("the prompt is empty")
@@ -262,13 +274,13 @@ class Generation:
         t0 = time.perf_counter()
         logits, used, *_ = self.step(ids, first)
         ms = 1e3 * (time.perf_counter() - t0)
-        eot, out, shown = tok.eot_id, [], ""
+        eot, out, shown = (tok.eot_id if tok is not None else None), [], ""
         for i in range(self.max_new_tokens):
             token = self.pick(logits)
             if token == eot:
                 return
             out.append(token)
-            text = tok.decode(out)
+            text = tok.decode(out) if tok is not None else ""
             fresh = "" if text.endswith("\ufffd") else text[len(shown) :]
             shown += fresh
             yield Piece(token, fresh, used, ms)  # the loops and time of the step that chose it

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from looped.edge.decode import Generation, Piece
+from looped.edge.decode import Generation, Piece, export_tokenizer
 from looped.errors import EdgeError
 
 MANIFEST = "manifest.json"
@@ -59,7 +59,7 @@ class EdgeModel:
             raise EdgeError(f"{self.path}: no {variant} graphs for {', '.join(missing)}{hint}")
         self.variant, self.threads = variant, threads
         self._sessions: dict[str, Any] = {}
-        self._tokenizer = None
+        self.tokenizer = export_tokenizer(self.path, self.manifest)
 
     def _read_manifest(self) -> dict:
         file = self.path / MANIFEST
@@ -98,14 +98,6 @@ class EdgeModel:
         s = self.session(name)
         out = s.run(s.output_names_, {k: feeds[k] for k in s.input_names_})
         return dict(zip(s.output_names_, out, strict=True))
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            from looped.data.tokenizer import Tokenizer
-
-            self._tokenizer = Tokenizer.load(self.path)
-        return self._tokenizer
 
     @property
     def default_loops(self) -> int:

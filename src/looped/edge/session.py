@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from looped.edge.runtime import EdgeModel
+from looped.errors import EdgeError
 
 
 def flops_per_token(manifest: dict, loops: float, seq_len: int) -> float:
@@ -33,6 +34,10 @@ def generate_records(
     """Continue `prompt` once per entry of `loops` (None: the export's default, or the latency budget's
     choice with `budget_ms`); `options` go to `EdgeModel.generate`."""
     model = EdgeModel(path, variant=variant, threads=threads)
+    if model.tokenizer is None:
+        raise EdgeError(
+            f"{path}: the export has no tokenizer, so it takes no text prompt (EdgeModel takes ids)"
+        )
     prompt_tokens = len(model.tokenizer.encode(prompt))
     records = []
     for t in loops:

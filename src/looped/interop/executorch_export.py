@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from looped.checkpoint import TOKENIZER, atomic_dir
-from looped.edge.decode import Generation, Piece
+from looped.edge.decode import Generation, Piece, export_tokenizer
 from looped.errors import ConfigError, EdgeError
 from looped.interop.parts import (
     CodaGraph,
@@ -95,7 +95,7 @@ def export_executorch(
     """Write a checkpoint as ExecuTorch programs (see the module docstring); returns the manifest.
 
     Args:
-        checkpoint: A language-model checkpoint directory with its tokenizer.json.
+        checkpoint: A language-model checkpoint directory (its tokenizer.json, if any, goes with it).
         out: The folder to write (replaced; written to a temporary name first).
         kv_cache: The KV-cache mode the manifest names as default (the methods serve both).
         max_seq_len: The longest sequence the methods accept; None: the model's.
@@ -135,7 +135,8 @@ def export_executorch(
                 print(
                     f"  {PROGRAMS[variant]:<20} {len(buffer) / 2**20:7.2f} MiB  {time.perf_counter() - t0:5.1f} s"
                 )
-        shutil.copy(checkpoint / TOKENIZER, tmp / TOKENIZER)
+        if source.tokenizer is not None:
+            shutil.copy(checkpoint / TOKENIZER, tmp / TOKENIZER)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         for variant in variants:
             manifest["parity"][variant] = check_parity(source.model, ExecuTorchGraphs(tmp, variant))
@@ -180,15 +181,7 @@ class ExecuTorchGraphs:
         self._methods: dict[str, Any] = {}
         self.default_loops = int(self.manifest["loops"]["default"])
         self.max_seq_len = int(self.manifest["max_seq_len"])
-        self._tokenizer = None
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            from looped.data.tokenizer import Tokenizer
-
-            self._tokenizer = Tokenizer.load(self.path)
-        return self._tokenizer
+        self.tokenizer = export_tokenizer(self.path, self.manifest)
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         method = self._methods.get(name) or self._methods.setdefault(name, self.program.load_method(name))

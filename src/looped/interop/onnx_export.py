@@ -114,7 +114,8 @@ def export_onnx(
     """Write a checkpoint as ONNX graphs (see the module docstring); returns the manifest.
 
     Args:
-        checkpoint: A language-model checkpoint directory with its tokenizer.json.
+        checkpoint: A language-model checkpoint directory; its tokenizer.json goes with the export (without
+            one, as from `looped convert`, the export takes token ids).
         out: The folder to write (replaced; written to a temporary name first).
         kv_cache: The KV-cache mode the manifest names as default, `shared` or `per-loop`; the cached graphs
             serve both. None: the checkpoint's `infer.kv_cache`.
@@ -125,7 +126,7 @@ def export_onnx(
         progress: Print a line per graph.
 
     Raises:
-        CheckpointError: the checkpoint is unreadable or has no tokenizer.
+        CheckpointError: the checkpoint is unreadable, or its tokenizer is not the model's.
         ConfigError: a model the graphs do not cover, or a setting out of range.
     """
     ort = _require_onnx()
@@ -141,8 +142,9 @@ def export_onnx(
         parity = check_parity(model, tmp, files, ort)
         if quantize == "int8":
             files.update(_quantize(tmp, files, progress))
-        shutil.copy(checkpoint / TOKENIZER, tmp / TOKENIZER)
-        windows = _val_windows(data, cfg, max_seq_len, tokenizer)
+        if tokenizer is not None:
+            shutil.copy(checkpoint / TOKENIZER, tmp / TOKENIZER)
+        windows = _val_windows(data, cfg, max_seq_len, tokenizer) if tokenizer is not None else None
         loss = measure_loss(model, tmp, files, windows) if windows is not None else None
         manifest = _manifest(cfg, tmp, files, kv_cache, max_seq_len, tokenizer, parity)
         manifest["loss"] = loss

@@ -37,7 +37,7 @@ from torch.utils import _pytree as pytree
 from looped.checkpoint import TOKENIZER, check_tokenizer, load, load_config_dir
 from looped.config import Config
 from looped.data.tokenizer import Tokenizer
-from looped.errors import CheckpointError, ConfigError
+from looped.errors import ConfigError
 from looped.model import accounting
 from looped.model.lm import LoopedLM, LoopInputs
 
@@ -49,7 +49,7 @@ class Layout:
     """What flows between the graphs of one model: the injection's terms and the value-embedding layers."""
 
     inject: int  # how many injection terms (tensors) the prelude hands the loop
-    inject_spec: pytree.TreeSpec
+    inject_spec: pytree.TreeSpec | None  # None: the injection has no terms (injection = none)
     core_ves: tuple[int, ...]  # value-embedding layers read by the core
     coda_ves: tuple[int, ...]  # ... and by the coda
 
@@ -72,7 +72,8 @@ def quiet() -> Iterator[None]:
 
 @dataclass
 class ExportSource:
-    """A checkpoint opened for export: its config, the model in eval mode, its tokenizer, and the export's
+    """A checkpoint opened for export: its config, the model in eval mode, its tokenizer (None without one:
+    prompts are then token ids), and the export's
     KV-cache mode and longest sequence, checked."""
 
     cfg: Config
@@ -86,10 +87,10 @@ class ExportSource:
         cfg = load_config_dir(checkpoint)
         model = load(checkpoint).eval()
         check_exportable(model)
-        if not (checkpoint / TOKENIZER).is_file():
-            raise CheckpointError(f"{checkpoint}: no {TOKENIZER}; an edge export carries the tokenizer")
-        tokenizer = Tokenizer.load(checkpoint)
-        check_tokenizer(checkpoint, tokenizer, cfg.model.vocab_size)
+        tokenizer = None  # a converted checkpoint may have none: its export then takes token ids
+        if (checkpoint / TOKENIZER).is_file():
+            tokenizer = Tokenizer.load(checkpoint)
+            check_tokenizer(checkpoint, tokenizer, cfg.model.vocab_size)
         kv_cache = kv_cache or cfg.infer.kv_cache
         if kv_cache not in ("shared", "per-loop"):
             raise ConfigError(f"--kv-cache must be shared or per-loop, got {kv_cache!r}")
@@ -120,7 +121,7 @@ def check_exportable(model: LoopedLM) -> None:
 def layout_of(model: LoopedLM) -> Layout:
     """Trace one tiny prelude eagerly to learn how many injection terms there are and how they nest."""
     e = torch.zeros(1, 2, model.cfg.width)
-    leaves, spec = pytree.tree_flatten(model.injection.prepare(e))
+    leaves, spec = _flatten(model.injection.prepare(e))
     p, c = model.cfg.prelude_layers, model.cfg.core_layers
     layers = sorted(int(i) for i in model.value_embeds)
     return Layout(
@@ -129,6 +130,15 @@ def layout_of(model: LoopedLM) -> Layout:
         core_ves=tuple(i for i in layers if p <= i < p + c),
         coda_ves=tuple(i for i in layers if i >= p + c),
     )
+
+
+def _flatten(u: Any) -> tuple[list[torch.Tensor], pytree.TreeSpec | None]:
+    """The injection's terms as a flat list (torch's pytree counts None as a leaf; here it is no term)."""
+    return ([], None) if u is None else pytree.tree_flatten(u)
+
+
+def _unflatten(leaves: list[torch.Tensor], spec: pytree.TreeSpec | None) -> Any:
+    return None if spec is None else pytree.tree_unflatten(leaves, spec)
 
 
 def kv_names(model: LoopedLM, part: str) -> list[tuple[str, str]]:
@@ -239,7 +249,7 @@ class PreludeGraph(PartGraph):
         if start is not None:
             positions = (torch.arange(S, device=input_ids.device) + start)[None].expand(B, S)
         h = model.initial_state(inputs.e, positions)
-        leaves = pytree.tree_leaves(inputs.u)
+        leaves = _flatten(inputs.u)[0]
         later = [ves[i] for i in self.layout.core_ves + self.layout.coda_ves]
         return (h, *leaves, *later, *(kv.outputs() if kv is not None else []))
 
@@ -264,7 +274,7 @@ class CoreStepGraph(PartGraph):
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         model, layout, x = self.model, self.layout, self._named(tensors)
         h, start, kv = x["state"], x.get("start"), self._kv(x)
-        u = pytree.tree_unflatten([x[name] for name in layout.inject_names], layout.inject_spec)
+        u = _unflatten([x[name] for name in layout.inject_names], layout.inject_spec)
         ves = {i: x[f"ve_{i}"] for i in layout.core_ves}
         rope = self._rope(h.shape[1], start, h.shape[0])
         h = model.loop_step(h, LoopInputs(e=None, u=u, rope=rope, ves=ves), kv)
@@ -417,6 +427,6 @@ def host_manifest(cfg: Config, kv_cache: str, max_seq_len: int, tokenizer: Any) 
             "max_new_tokens": cfg.infer.max_new_tokens,
         },
         "flops": _flops_coefficients(m),
-        "tokenizer": "tokenizer.json",
-        "eot_id": tokenizer.eot_id,
+        "tokenizer": "tokenizer.json" if tokenizer is not None else None,
+        "eot_id": tokenizer.eot_id if tokenizer is not None else None,
     }
