@@ -9,14 +9,14 @@ import pytest
 import torch
 from helpers import ids, randomize_, tiny
 
-from looped import Engine, LoopedLM
+from looped import Config, Engine, LoopedLM
 from looped.data.tokenizer import Tokenizer
 from looped.edge.decode import Cache, Generation, Timing
 from looped.edge.exit import parse_exit
 from looped.errors import EdgeError
 from looped.infer.cache import KVCache
 from looped.infer.forward import forward_cached
-from looped.interop.parts import CodaGraph, CoreStepGraph, PreludeGraph
+from looped.interop.parts import CodaGraph, CoreStepGraph, ExportSource, PreludeGraph
 
 OUROISH = {"final_norm": "every-loop", "coda_layers": 0, "readout": False, "exit_gate": True}
 
@@ -24,7 +24,7 @@ OUROISH = {"final_norm": "every-loop", "coda_layers": 0, "readout": False, "exit
 class TorchGraphs:
     """What Generation needs of an EdgeModel (manifest, run, tokenizer), with the cached graphs run in torch."""
 
-    def __init__(self, model: LoopedLM, tokenizer=None, most_loops: int = 32) -> None:
+    def __init__(self, model: LoopedLM, tokenizer=None) -> None:
         cfg = model.cfg
         self.graphs = {
             f"{g.part}_cached": g
@@ -32,16 +32,8 @@ class TorchGraphs:
         }
         self.tokenizer = tokenizer
         self.default_loops, self.max_seq_len = cfg.loops, cfg.max_seq_len
-        self.manifest = {
-            "max_seq_len": cfg.max_seq_len,
-            "kv_heads": cfg.resolved_n_kv_heads,
-            "head_dim": cfg.resolved_head_dim,
-            "layers": {"prelude": cfg.prelude_layers, "core": cfg.core_layers, "coda": cfg.coda_layers},
-            "loops": {"default": cfg.loops, "max": most_loops},
-            "exit": {"gate": cfg.exit_gate},
-            "kv_cache": "shared",
-            "sampling": {"temperature": 0.0, "max_new_tokens": 16},
-        }
+        source = ExportSource(Config(model=cfg), model, tokenizer, "shared", cfg.max_seq_len)
+        self.manifest = source.manifest()  # the manifest an export writes, less its files
 
     @torch.no_grad()
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -87,7 +79,13 @@ def test_adaptive_exit_matches_the_engine(mode, overrides, exit):
     ref = engine.generate(prompt, loops=12, exit=exit, min_loops=2, max_new_tokens=12, temperature=0)
     pieces = list(
         Generation(
-            TorchGraphs(model, tok), loops=12, exit=exit, min_loops=2, kv_cache=mode, max_new_tokens=12
+            TorchGraphs(model, tok),
+            loops=12,
+            exit=exit,
+            min_loops=2,
+            kv_cache=mode,
+            max_new_tokens=12,
+            temperature=0,
         ).stream(prompt)
     )
     assert [p.token for p in pieces] == ref.token_ids
@@ -153,18 +151,8 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy():
 
     def tokens(**kw):
         g = Generation(graphs, loops=2, max_new_tokens=8, **kw)
-        g.model.tokenizer = _Ids()
         return [p.token for p in g.stream(prompt)]
 
     assert tokens(temperature=1.0, seed=3) == tokens(temperature=1.0, seed=3)
     assert tokens(temperature=1.0, seed=3) != tokens(temperature=1.0, seed=4)
     assert tokens(temperature=1.0, top_k=1) == tokens(temperature=0.0)
-
-
-class _Ids:
-    """A tokenizer stand-in for id prompts: text is the ids."""
-
-    eot_id = None
-
-    def decode(self, ids):
-        return " ".join(map(str, ids))

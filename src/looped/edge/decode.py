@@ -274,15 +274,18 @@ class Generation:
         t0 = time.perf_counter()
         logits, used, *_ = self.step(ids, first)
         ms = 1e3 * (time.perf_counter() - t0)
-        eot, out, shown = (tok.eot_id if tok is not None else None), [], ""
+        eot, pending = (tok.eot_id if tok is not None else None), []
         for i in range(self.max_new_tokens):
             token = self.pick(logits)
             if token == eot:
                 return
-            out.append(token)
-            text = tok.decode(out) if tok is not None else ""
-            fresh = "" if text.endswith("\ufffd") else text[len(shown) :]
-            shown += fresh
+            # Decode only the tokens not shown yet; a multi-byte character still incomplete waits for the rest.
+            pending.append(token)
+            fresh = tok.decode(pending) if tok is not None else ""
+            if fresh.endswith("\ufffd"):
+                fresh = ""
+            else:
+                pending = []
             yield Piece(token, fresh, used, ms)  # the loops and time of the step that chose it
             if i + 1 == self.max_new_tokens:  # the last token needs no step after it
                 return

@@ -22,11 +22,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 class Exit:
     """One criterion: `reset()` before each token, then `done(state, logprobs, gate)` after each loop."""
 
-    needs_logits = True
-    needs_gate = False
-
     def __init__(self, name: str, threshold: float) -> None:
         self.name, self.threshold = name, threshold
+        self.needs_logits = name in ("kl", "entropy", "argmax")  # the coda runs every loop
+        self.needs_gate = name == "gate"
         self.reset()
 
     def reset(self) -> None:
@@ -76,7 +75,4 @@ def parse_exit(spec: str | None, has_gate: bool) -> Exit | None:
         raise EdgeError(f"exit {text!r}: argmax:n needs a whole number of loops")
     if name == "gate" and (threshold > 1 or not has_gate):
         raise EdgeError(f"exit {text!r}: gate:P needs a model with an exit gate and P in (0, 1]")
-    found = Exit(name, threshold)
-    found.needs_logits = name in ("kl", "entropy", "argmax")
-    found.needs_gate = name == "gate"
-    return found
+    return Exit(name, threshold)

@@ -11,11 +11,25 @@ from typing import Any
 import numpy as np
 
 from looped.edge.decode import Generation, Piece, export_tokenizer
+from looped.edge.exit import log_softmax
 from looped.errors import EdgeError
 
 MANIFEST = "manifest.json"
 FORMAT = "looped-onnx"
 VARIANTS = ("float32", "int8")
+
+
+def read_manifest(path: Path, fmt: str, command: str) -> dict:
+    """An export's manifest.json, checked to be of format `fmt` (written by `looped export COMMAND`)."""
+    file = path / MANIFEST
+    if not file.is_file():
+        raise EdgeError(
+            f"{path}: not an exported model (no {MANIFEST}; write one with `looped export {command}`)"
+        )
+    manifest = json.loads(file.read_text())
+    if manifest.get("format") != fmt:
+        raise EdgeError(f"{file}: format {manifest.get('format')!r}, not {fmt!r}")
+    return manifest
 
 
 def _import_ort() -> Any:
@@ -47,7 +61,7 @@ class EdgeModel:
         self.ort = _import_ort()
         if variant not in VARIANTS:
             raise EdgeError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-        self.manifest = self._read_manifest() if files is None else {}
+        self.manifest = read_manifest(self.path, FORMAT, "onnx") if files is None else {}
         files = files or {name: g["file"] for name, g in self.manifest["graphs"].items()}
         if variant == "float32":
             self.files = {n: f for n, f in files.items() if not n.endswith(".int8")}
@@ -58,24 +72,13 @@ class EdgeModel:
             hint = " (export with --quantize int8)" if variant == "int8" else ""
             raise EdgeError(f"{self.path}: no {variant} graphs for {', '.join(missing)}{hint}")
         self.variant, self.threads = variant, threads
-        self._sessions: dict[str, Any] = {}
+        self._sessions: dict[str, tuple[Any, list[str], list[str]]] = {}
         self.tokenizer = export_tokenizer(self.path, self.manifest)
 
-    def _read_manifest(self) -> dict:
-        file = self.path / MANIFEST
-        if not file.is_file():
-            raise EdgeError(
-                f"{self.path}: not an exported edge model (no {MANIFEST}; write one with "
-                "`looped export onnx CHECKPOINT OUT`)"
-            )
-        manifest = json.loads(file.read_text())
-        if manifest.get("format") != FORMAT:
-            raise EdgeError(f"{file}: format {manifest.get('format')!r}, not {FORMAT!r}")
-        return manifest
-
     # ------------------------------------------------------------------ sessions
-    def session(self, name: str) -> Any:
-        """The ONNX Runtime session of graph `name` (prelude, core_step, coda, their _cached forms, loop)."""
+    def session(self, name: str) -> tuple[Any, list[str], list[str]]:
+        """The ONNX Runtime session of graph `name` (prelude, core_step, coda, their _cached forms, loop), with
+        its input and output names."""
         found = self._sessions.get(name)
         if found is None:
             if name not in self.files:
@@ -85,19 +88,18 @@ class EdgeModel:
             if self.threads is not None:
                 options.intra_op_num_threads = self.threads
                 options.inter_op_num_threads = 1
-            found = self.ort.InferenceSession(
+            session = self.ort.InferenceSession(
                 str(self.path / self.files[name]), options, providers=["CPUExecutionProvider"]
             )
-            found.input_names_ = [i.name for i in found.get_inputs()]
-            found.output_names_ = [o.name for o in found.get_outputs()]
+            found = (session, [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
             self._sessions[name] = found
         return found
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run graph `name` on the inputs it names (others in `feeds` are ignored); outputs by name."""
-        s = self.session(name)
-        out = s.run(s.output_names_, {k: feeds[k] for k in s.input_names_})
-        return dict(zip(s.output_names_, out, strict=True))
+        session, inputs, outputs = self.session(name)
+        out = session.run(outputs, {k: feeds[k] for k in inputs})
+        return dict(zip(outputs, out, strict=True))
 
     @property
     def default_loops(self) -> int:
@@ -126,11 +128,9 @@ class EdgeModel:
         total, count = 0.0, 0
         for i in range(0, len(windows), batch_size):
             rows = windows[i : i + batch_size]
-            logits = self.logits(rows[:, :-1], loops).astype(np.float64)
-            top = logits.max(-1, keepdims=True)
-            logz = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
-            picked = np.take_along_axis(logits, rows[:, 1:, None], -1)[..., 0]
-            total += float((logz - picked).sum())
+            logprobs = log_softmax(self.logits(rows[:, :-1], loops))  # float64
+            picked = np.take_along_axis(logprobs, rows[:, 1:, None], -1)
+            total -= float(picked.sum())
             count += picked.size
         return total / max(count, 1)
 

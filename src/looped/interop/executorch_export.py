@@ -26,6 +26,7 @@ import torch
 
 from looped.checkpoint import TOKENIZER, atomic_dir
 from looped.edge.decode import Generation, Piece, export_tokenizer
+from looped.edge.runtime import MANIFEST, read_manifest
 from looped.errors import ConfigError, EdgeError
 from looped.interop.parts import (
     CodaGraph,
@@ -34,13 +35,11 @@ from looped.interop.parts import (
     PreludeGraph,
     dynamic_shapes,
     example_inputs,
-    host_manifest,
     quiet,
 )
 
 FORMAT = "looped-executorch"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 PROGRAMS = {"portable": "model.pte", "xnnpack": "model.xnnpack.pte"}
 PARITY_LOOPS = (1, 4)
 
@@ -116,7 +115,7 @@ def export_executorch(
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        **host_manifest(source.cfg, source.kv_cache, source.max_seq_len, source.tokenizer),
+        **source.manifest(),
         "methods": methods,
         "programs": {},
         "parity": {},
@@ -137,9 +136,9 @@ def export_executorch(
                 )
         if source.tokenizer is not None:
             shutil.copy(checkpoint / TOKENIZER, tmp / TOKENIZER)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         for variant in variants:
-            manifest["parity"][variant] = check_parity(source.model, ExecuTorchGraphs(tmp, variant))
+            programs = ExecuTorchGraphs(tmp, variant, manifest=manifest)
+            manifest["parity"][variant] = check_parity(source.model, programs)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -165,16 +164,12 @@ class ExecuTorchGraphs:
     """An exported program run by ExecuTorch's Python runtime behind the interface looped.edge's generation
     needs (`looped.edge.decode.Graphs`): manifest, `run(name, feeds)`, tokenizer, default loops."""
 
-    def __init__(self, path: str | Path, variant: str = "portable") -> None:
+    def __init__(self, path: str | Path, variant: str = "portable", manifest: dict | None = None) -> None:
         from executorch.runtime import Runtime
 
         self.path = Path(path)
-        file = self.path / MANIFEST
-        if not file.is_file():
-            raise EdgeError(f"{self.path}: no {MANIFEST}; write one with `looped export executorch`")
-        self.manifest = json.loads(file.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise EdgeError(f"{file}: format {self.manifest.get('format')!r}, not {FORMAT!r}")
+        # `manifest`: the export's, before it is written (the export checks its programs first)
+        self.manifest = manifest or read_manifest(self.path, FORMAT, "executorch")
         if variant not in self.manifest["programs"]:
             raise EdgeError(f"{self.path}: no {variant} program (has {', '.join(self.manifest['programs'])})")
         self.program = Runtime.get().load_program(str(self.path / self.manifest["programs"][variant]["file"]))

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from looped.checkpoint import TOKENIZER, atomic_dir
+from looped.edge.runtime import FORMAT, MANIFEST
 from looped.errors import ConfigError
 from looped.interop.parts import (
     CodaGraph,
@@ -37,15 +38,11 @@ from looped.interop.parts import (
     PreludeGraph,
     dynamic_shapes,
     example_inputs,
-    host_manifest,
     quiet,
 )
 from looped.model.lm import LoopedLM
 
-FORMAT = "looped-onnx"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-GRAPHS = ("prelude", "core_step", "coda", "prelude_cached", "core_step_cached", "coda_cached", "loop")
 # Loop counts at which the export checks ONNX Runtime against PyTorch.
 PARITY_LOOPS = (1, 4)
 OPSET = 18
@@ -54,16 +51,15 @@ LOSS_LOOPS = (1, 4, 8)
 LOSS_WINDOWS = 16
 
 
-def _require_onnx() -> Any:
+def _require_onnx() -> None:
     try:
         import onnx  # noqa: F401
-        import onnxruntime
+        import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise ConfigError(
             f"looped export onnx needs onnx, onnxscript and onnxruntime (pip install 'looped[onnx]'): {e}"
         ) from None
-    return onnxruntime
 
 
 def _export_graph(graph: torch.nn.Module, example: tuple, path: Path, max_seq_len: int) -> None:
@@ -129,25 +125,23 @@ def export_onnx(
         CheckpointError: the checkpoint is unreadable, or its tokenizer is not the model's.
         ConfigError: a model the graphs do not cover, or a setting out of range.
     """
-    ort = _require_onnx()
-    checkpoint, out = Path(checkpoint), Path(out)
-    source = ExportSource.open(checkpoint, kv_cache, max_seq_len)
-    cfg, model, tokenizer = source.cfg, source.model, source.tokenizer
-    kv_cache, max_seq_len = source.kv_cache, source.max_seq_len
+    _require_onnx()
     if quantize not in (None, "int8"):
         raise ConfigError(f"--quantize takes int8, got {quantize!r}")
+    checkpoint, out = Path(checkpoint), Path(out)
+    source = ExportSource.open(checkpoint, kv_cache, max_seq_len)
+    cfg, model, tokenizer, max_seq_len = source.cfg, source.model, source.tokenizer, source.max_seq_len
     torch.manual_seed(0)
     with atomic_dir(out) as tmp:
         files = _write_graphs(model, tmp, max_seq_len, progress)
-        parity = check_parity(model, tmp, files, ort)
+        parity = check_parity(model, tmp, files)
         if quantize == "int8":
             files.update(_quantize(tmp, files, progress))
         if tokenizer is not None:
             shutil.copy(checkpoint / TOKENIZER, tmp / TOKENIZER)
         windows = _val_windows(data, cfg, max_seq_len, tokenizer) if tokenizer is not None else None
         loss = measure_loss(model, tmp, files, windows) if windows is not None else None
-        manifest = _manifest(cfg, tmp, files, kv_cache, max_seq_len, tokenizer, parity)
-        manifest["loss"] = loss
+        manifest = _manifest(source, tmp, files, parity, loss)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -192,7 +186,7 @@ def _quantize(out: Path, files: dict[str, str], progress: bool) -> dict[str, str
     return made
 
 
-def check_parity(model: LoopedLM, out: Path, files: dict[str, str], ort: Any) -> dict:
+def check_parity(model: LoopedLM, out: Path, files: dict[str, str]) -> dict:
     """Largest |logit difference| between ONNX Runtime and PyTorch on random tokens: the part graphs and the
     Loop graph at each of PARITY_LOOPS."""
     from looped.edge.runtime import EdgeModel
@@ -266,16 +260,11 @@ def format_export(out: str | Path, manifest: dict) -> str:
 
 
 def _manifest(
-    cfg, out: Path, files: dict[str, str], kv_cache: str, max_seq_len: int, tokenizer, parity
+    source: ExportSource, out: Path, files: dict[str, str], parity: dict, loss: dict | None
 ) -> dict:
     graphs = {
         name: {"file": file, "bytes": (out / file).stat().st_size, **_describe(out / file)}
         for name, file in files.items()
     }
     head = {"format": FORMAT, "version": FORMAT_VERSION, "opset": OPSET}
-    return {
-        **head,
-        **host_manifest(cfg, kv_cache, max_seq_len, tokenizer),
-        "graphs": graphs,
-        "parity": parity,
-    }
+    return {**head, **source.manifest(), "graphs": graphs, "parity": parity, "loss": loss}

@@ -35,13 +35,12 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from looped.checkpoint import TOKENIZER, check_tokenizer, load, load_config_dir
-from looped.config import Config
+from looped.config import Config, ModelConfig
 from looped.data.tokenizer import Tokenizer
 from looped.errors import ConfigError
+from looped.infer.cache import KV_MODES
 from looped.model import accounting
 from looped.model.lm import LoopedLM, LoopInputs
-
-PARTS = ("prelude", "core_step", "coda")
 
 
 @dataclass(frozen=True)
@@ -73,8 +72,7 @@ def quiet() -> Iterator[None]:
 @dataclass
 class ExportSource:
     """A checkpoint opened for export: its config, the model in eval mode, its tokenizer (None without one:
-    prompts are then token ids), and the export's
-    KV-cache mode and longest sequence, checked."""
+    prompts are then token ids), and the export's KV-cache mode and longest sequence, checked."""
 
     cfg: Config
     model: LoopedLM
@@ -92,8 +90,8 @@ class ExportSource:
             tokenizer = Tokenizer.load(checkpoint)
             check_tokenizer(checkpoint, tokenizer, cfg.model.vocab_size)
         kv_cache = kv_cache or cfg.infer.kv_cache
-        if kv_cache not in ("shared", "per-loop"):
-            raise ConfigError(f"--kv-cache must be shared or per-loop, got {kv_cache!r}")
+        if kv_cache not in KV_MODES:
+            raise ConfigError(f"--kv-cache must be one of {', '.join(KV_MODES)}, got {kv_cache!r}")
         max_seq_len = max_seq_len or cfg.model.max_seq_len
         if not 8 <= max_seq_len <= cfg.model.max_seq_len:
             raise ConfigError(f"--max-seq-len must lie in [8, model.max_seq_len = {cfg.model.max_seq_len}]")
@@ -101,6 +99,37 @@ class ExportSource:
         # hold it as a constant.
         model.initial_state(torch.zeros(1, 1, cfg.model.width))
         return cls(cfg, model, tokenizer, kv_cache, max_seq_len)
+
+    def manifest(self) -> dict:
+        """What a host program needs to run the graphs (an export's manifest.json, less its files): sizes of
+        the caches, loop counts, exit and sampling defaults, FLOPs per token, the tokenizer."""
+        cfg, m, tokenizer = self.cfg, self.cfg.model, self.tokenizer
+        return {
+            "dtype": "float32",
+            "model": cfg.to_dict()["model"],
+            "vocab_size": m.vocab_size,
+            "width": m.width,
+            "kv_heads": m.resolved_n_kv_heads,
+            "head_dim": m.resolved_head_dim,
+            "layers": {"prelude": m.prelude_layers, "core": m.core_layers, "coda": m.coda_layers},
+            "max_seq_len": self.max_seq_len,
+            "loops": {
+                "default": m.loops,
+                "mean_loops": cfg.loops.mean_loops,
+                "max": cfg.infer.max_request_loops,
+            },
+            "exit": {"default": cfg.infer.exit, "min_loops": cfg.infer.min_loops, "gate": m.exit_gate},
+            "kv_cache": self.kv_cache,
+            "sampling": {
+                "temperature": cfg.infer.temperature,
+                "top_k": cfg.infer.top_k,
+                "top_p": cfg.infer.top_p,
+                "max_new_tokens": cfg.infer.max_new_tokens,
+            },
+            "flops": _flops_coefficients(m),
+            "tokenizer": TOKENIZER if tokenizer is not None else None,
+            "eot_id": tokenizer.eot_id if tokenizer is not None else None,
+        }
 
 
 def check_exportable(model: LoopedLM) -> None:
@@ -216,11 +245,14 @@ class PartGraph(nn.Module):
             return None
         return _GraphKV([(x[f"past_{k}"], x[f"past_{v}"]) for k, v in self.kv])
 
-    def _rope(self, length: int, start: torch.Tensor | None, batch: int) -> torch.Tensor:
+    def _positions(self, length: int, start: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """(B, S) positions start..start+S-1 of a cached call; None uncached (0..S-1)."""
         if start is None:
-            return self.model.rotary(length)
-        positions = (torch.arange(length, device=start.device) + start)[None].expand(batch, length)
-        return self.model.rotary(length, positions)
+            return None
+        return (torch.arange(length, device=start.device) + start)[None].expand(batch, length)
+
+    def _rope(self, length: int, start: torch.Tensor | None, batch: int) -> torch.Tensor:
+        return self.model.rotary(length, self._positions(length, start, batch))
 
 
 class PreludeGraph(PartGraph):
@@ -242,12 +274,10 @@ class PreludeGraph(PartGraph):
         input_ids, start = x["input_ids"], x.get("start")
         B, S = input_ids.shape
         emb, ves = model.embed_inputs(input_ids)
-        rope = self._rope(S, start, B)
+        positions = self._positions(S, start, B)
+        rope = model.rotary(S, positions)
         kv = self._kv(x)
         inputs = model.loop_inputs(model.run_prelude(emb, rope, ves, kv), rope, ves)
-        positions = None
-        if start is not None:
-            positions = (torch.arange(S, device=input_ids.device) + start)[None].expand(B, S)
         h = model.initial_state(inputs.e, positions)
         leaves = _flatten(inputs.u)[0]
         later = [ves[i] for i in self.layout.core_ves + self.layout.coda_ves]
@@ -387,7 +417,7 @@ def example_inputs(model: LoopedLM, cached: bool, batch: int = 2) -> dict[str, t
     }
 
 
-def _flops_coefficients(m) -> dict:
+def _flops_coefficients(m: ModelConfig) -> dict:
     """flops_per_token(T, s) = once[0] + once[1]·s + T·(per_loop[0] + per_loop[1]·s): the accounting's
     figure (linear in the context length s and in T) as four numbers the device can use without torch."""
 
@@ -401,32 +431,4 @@ def _flops_coefficients(m) -> dict:
     return {
         "once": line(lambda s: accounting.flops_per_token(m, 1, s) - per_loop(s)),
         "per_loop": line(per_loop),
-    }
-
-
-def host_manifest(cfg: Config, kv_cache: str, max_seq_len: int, tokenizer: Any) -> dict:
-    """What a host program needs to run the graphs of `cfg` (an export's manifest.json, less its files):
-    sizes of the caches, loop counts, exit and sampling defaults, FLOPs per token, the tokenizer."""
-    m = cfg.model
-    return {
-        "dtype": "float32",
-        "model": cfg.to_dict()["model"],
-        "vocab_size": m.vocab_size,
-        "width": m.width,
-        "kv_heads": m.resolved_n_kv_heads,
-        "head_dim": m.resolved_head_dim,
-        "layers": {"prelude": m.prelude_layers, "core": m.core_layers, "coda": m.coda_layers},
-        "max_seq_len": max_seq_len,
-        "loops": {"default": m.loops, "mean_loops": cfg.loops.mean_loops, "max": cfg.infer.max_request_loops},
-        "exit": {"default": cfg.infer.exit, "min_loops": cfg.infer.min_loops, "gate": m.exit_gate},
-        "kv_cache": kv_cache,
-        "sampling": {
-            "temperature": cfg.infer.temperature,
-            "top_k": cfg.infer.top_k,
-            "top_p": cfg.infer.top_p,
-            "max_new_tokens": cfg.infer.max_new_tokens,
-        },
-        "flops": _flops_coefficients(m),
-        "tokenizer": "tokenizer.json" if tokenizer is not None else None,
-        "eot_id": tokenizer.eot_id if tokenizer is not None else None,
     }
